@@ -1,0 +1,126 @@
+//! payment-svc's settings, read once from the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use service_kit::{ConfigError, Env, ServerLimits};
+
+/// `LISTEN_ADDR`: the gRPC listen address.
+pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
+/// `DATABASE_URL`: PostgreSQL URL of the service role (not the tables' owner).
+pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+/// `DATABASE_MIGRATION_URL`: PostgreSQL URL of the role that owns the schema; defaults to `DATABASE_URL`.
+pub const ENV_DATABASE_MIGRATION_URL: &str = "DATABASE_MIGRATION_URL";
+/// `MIGRATE_ON_START`: run migrations before serving (`false` when a Job migrates).
+pub const ENV_MIGRATE_ON_START: &str = "MIGRATE_ON_START";
+/// `DATABASE_MAX_CONNECTIONS`: size of the connection pool.
+pub const ENV_DATABASE_MAX_CONNECTIONS: &str = "DATABASE_MAX_CONNECTIONS";
+/// `DATABASE_CONNECT_TIMEOUT`: bound on establishing a connection.
+pub const ENV_DATABASE_CONNECT_TIMEOUT: &str = "DATABASE_CONNECT_TIMEOUT";
+/// `DATABASE_ACQUIRE_TIMEOUT`: bound on waiting for a pooled connection; beyond it calls answer UNAVAILABLE.
+pub const ENV_DATABASE_ACQUIRE_TIMEOUT: &str = "DATABASE_ACQUIRE_TIMEOUT";
+/// `DATABASE_STATEMENT_TIMEOUT`: PostgreSQL `statement_timeout` of service connections.
+pub const ENV_DATABASE_STATEMENT_TIMEOUT: &str = "DATABASE_STATEMENT_TIMEOUT";
+/// `DATABASE_LOCK_TIMEOUT`: PostgreSQL `lock_timeout` of service connections.
+pub const ENV_DATABASE_LOCK_TIMEOUT: &str = "DATABASE_LOCK_TIMEOUT";
+/// `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT`: PostgreSQL `idle_in_transaction_session_timeout`.
+pub const ENV_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT: &str = "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT";
+
+/// The default gRPC listen address.
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50052";
+
+/// Everything payment-svc needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where `main` binds the gRPC listener.
+    pub listen_addr: SocketAddr,
+    /// PostgreSQL settings.
+    pub database: DatabaseConfig,
+    /// Server hardening.
+    pub limits: ServerLimits,
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// The service role's URL (may carry `sslmode=verify-full&sslrootcert=…`).
+    pub url: SecretString,
+    /// The schema owner's URL, for migrations; `None` means `url`.
+    pub migration_url: Option<SecretString>,
+    /// Run migrations before serving.
+    pub migrate_on_start: bool,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// `statement_timeout` of every service connection.
+    pub statement_timeout: Duration,
+    /// `lock_timeout` of every service connection.
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout` of every service connection.
+    pub idle_in_transaction_timeout: Duration,
+}
+
+impl Config {
+    /// Reads the configuration; fails naming the first bad variable.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let default_addr: SocketAddr = DEFAULT_LISTEN_ADDR
+            .parse()
+            .map_err(|err| ConfigError::new(ENV_LISTEN_ADDR, err))?;
+        Ok(Self {
+            listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
+            database: DatabaseConfig::from_env(env)?,
+            limits: ServerLimits::from_env(env)?,
+        })
+    }
+}
+
+impl DatabaseConfig {
+    /// Reads the `DATABASE_*` and `MIGRATE_ON_START` variables.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let defaults = Self::with_url(SecretString::from(String::new()));
+        let max_connections =
+            env.parse_or(ENV_DATABASE_MAX_CONNECTIONS, defaults.max_connections)?;
+        if max_connections == 0 {
+            return Err(ConfigError::new(
+                ENV_DATABASE_MAX_CONNECTIONS,
+                "must be greater than zero",
+            ));
+        }
+        Ok(Self {
+            url: env.required_secret(ENV_DATABASE_URL)?,
+            migration_url: env.secret(ENV_DATABASE_MIGRATION_URL),
+            migrate_on_start: env.bool_or(ENV_MIGRATE_ON_START, defaults.migrate_on_start)?,
+            max_connections,
+            connect_timeout: env
+                .duration_or(ENV_DATABASE_CONNECT_TIMEOUT, defaults.connect_timeout)?,
+            acquire_timeout: env
+                .duration_or(ENV_DATABASE_ACQUIRE_TIMEOUT, defaults.acquire_timeout)?,
+            statement_timeout: env
+                .duration_or(ENV_DATABASE_STATEMENT_TIMEOUT, defaults.statement_timeout)?,
+            lock_timeout: env.duration_or(ENV_DATABASE_LOCK_TIMEOUT, defaults.lock_timeout)?,
+            idle_in_transaction_timeout: env.duration_or(
+                ENV_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT,
+                defaults.idle_in_transaction_timeout,
+            )?,
+        })
+    }
+
+    /// The defaults for a database at `url` (tests build configs this way).
+    pub fn with_url(url: SecretString) -> Self {
+        Self {
+            url,
+            migration_url: None,
+            migrate_on_start: true,
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(2),
+            idle_in_transaction_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! PostgreSQL: the connection pool, migrations, and the service role's privileges.
+//!
+//! Two roles touch the database. Migrations run as the schema owner
+//! (`DATABASE_MIGRATION_URL`); the service runs as a role that owns nothing
+//! (`DATABASE_URL`) and holds only the privileges listed in [`SERVICE_PRIVILEGES`],
+//! granted by [`migrate`]. An owner bypasses privileges, so append-only tables also
+//! refuse changes with triggers.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::config::DatabaseConfig;
+
+/// The migrations compiled into the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What the service role may do to each table; nothing else is granted. A test checks
+/// that every table of the schema is listed here.
+pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[("audit_log", "SELECT, INSERT")];
+
+/// A database failure at start-up or in a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL could not be parsed (the URL itself is never shown: it holds a password).
+    #[error("{variable} is not a valid PostgreSQL URL")]
+    InvalidUrl {
+        /// The variable holding the URL.
+        variable: &'static str,
+    },
+    /// No connection could be made.
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Unreachable {
+        /// `host:port/database`, never the password.
+        target: String,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A migration failed.
+    #[error("migrating PostgreSQL at {target}: {source}")]
+    Migrate {
+        /// `host:port/database`.
+        target: String,
+        /// The migration error.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A statement failed.
+    #[error("PostgreSQL at {target}: {source}")]
+    Query {
+        /// `host:port/database`.
+        target: String,
+        /// The statement error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// Connects the service's pool and checks that the database answers. Every connection
+/// carries the statement, lock and idle-in-transaction timeouts.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
+    let options = parse_url(&config.url, crate::config::ENV_DATABASE_URL)?
+        .application_name("payment-svc")
+        .options([
+            ("statement_timeout", millis(config.statement_timeout)),
+            ("lock_timeout", millis(config.lock_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(config.idle_in_transaction_timeout),
+            ),
+        ]);
+    let target = describe(&options);
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options);
+    check_reachable(&pool, &target, config.connect_timeout).await?;
+    Ok(pool)
+}
+
+/// Runs pending migrations as the schema owner, then grants the service role its
+/// privileges (skipped when both URLs name the same role).
+pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
+    let (owner_url, owner_variable) = match &config.migration_url {
+        Some(url) => (url, crate::config::ENV_DATABASE_MIGRATION_URL),
+        None => (&config.url, crate::config::ENV_DATABASE_URL),
+    };
+    let owner_options =
+        parse_url(owner_url, owner_variable)?.application_name("payment-svc migrate");
+    let service_options = parse_url(&config.url, crate::config::ENV_DATABASE_URL)?;
+    let target = describe(&owner_options);
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(config.connect_timeout)
+        .connect_lazy_with(owner_options.clone());
+    check_reachable(&pool, &target, config.connect_timeout).await?;
+
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| DbError::Migrate {
+            target: target.clone(),
+            source,
+        })?;
+
+    let service_role = service_options.get_username();
+    if service_role != owner_options.get_username() {
+        let role = quote_identifier(service_role);
+        let mut statements = vec![format!("GRANT USAGE ON SCHEMA public TO {role}")];
+        for (table, privileges) in SERVICE_PRIVILEGES {
+            statements.push(format!(
+                "GRANT {privileges} ON TABLE {} TO {role}",
+                quote_identifier(table)
+            ));
+        }
+        for statement in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await
+                .map_err(|source| DbError::Query {
+                    target: target.clone(),
+                    source,
+                })?;
+        }
+    }
+    tracing::info!(database = %target, "migrations applied");
+    pool.close().await;
+    Ok(())
+}
+
+fn parse_url(url: &SecretString, variable: &'static str) -> Result<PgConnectOptions, DbError> {
+    PgConnectOptions::from_str(url.expose_secret()).map_err(|_| DbError::InvalidUrl { variable })
+}
+
+async fn check_reachable(pool: &PgPool, target: &str, timeout: Duration) -> Result<(), DbError> {
+    let ping = sqlx::query("SELECT 1").execute(pool);
+    match tokio::time::timeout(timeout, ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(DbError::Unreachable {
+            target: target.to_owned(),
+            reason: one_line(&err),
+        }),
+        Err(_) => Err(DbError::Unreachable {
+            target: target.to_owned(),
+            reason: format!("no answer within {}", millis(timeout)),
+        }),
+    }
+}
+
+/// `host:port/database` — what operators need to find the server, and no secret.
+fn describe(options: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default database)")
+    )
+}
+
+/// An error and its causes on one line (start-up failures are printed as one line).
+fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line.replace('\n', " ")
+}
+
+fn millis(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
+
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -1,0 +1,47 @@
+//! payment-svc: payments, the double-entry ledger, idempotency, background jobs and
+//! balance/event streams, on PostgreSQL.
+//!
+//! - [`config`]: settings from the environment.
+//! - [`db`]: the connection pool, migrations and the service role's privileges.
+//! - `grpc`: the gRPC edge — the only module that sees protobuf types.
+//!
+//! [`run`] is the whole service behind a listener; `main` only reads config, sets up
+//! telemetry and binds.
+
+pub mod config;
+pub mod db;
+mod grpc;
+
+use std::future::Future;
+
+use service_kit::serve;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The database could not be reached or migrated.
+    #[error(transparent)]
+    Database(#[from] db::DbError),
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Serve(#[from] service_kit::ServeError),
+}
+
+/// Connects to PostgreSQL (migrating first when configured), then serves gRPC on
+/// `listener` until `shutdown` completes.
+pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), RunError>
+where
+    F: Future<Output = ()> + Send,
+{
+    if config.database.migrate_on_start {
+        db::migrate(&config.database).await?;
+    }
+    let pool = db::connect(&config.database).await?;
+    let services = grpc::services(pool.clone());
+    serve(listener, services, &config.limits, shutdown).await?;
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! ratelimit-svc: distributed rate limiting, with its own API (`paysuite.ratelimit.v1`)
+//! and Envoy's `envoy.service.ratelimit.v3.RateLimitService`.
+//!
+//! - [`config`]: settings from the environment.
+//! - `grpc`: the gRPC edge — the only module that sees protobuf types.
+//!
+//! [`run`] is the whole service behind a listener; `main` only reads config, sets up
+//! telemetry and binds.
+
+pub mod config;
+mod grpc;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Serves gRPC on `listener` until `shutdown` completes.
+pub async fn run<F>(
+    listener: TcpListener,
+    config: Config,
+    shutdown: F,
+) -> Result<(), service_kit::ServeError>
+where
+    F: Future<Output = ()> + Send,
+{
+    service_kit::serve(listener, grpc::services(), &config.limits, shutdown).await
+}

@@ -1,0 +1,25 @@
+//! What every paysuite service needs to run, and nothing about payments.
+//!
+//! - [`server`]: the gRPC server — routes plus health and reflection (v1 and v1alpha),
+//!   served under [`ServerLimits`], with graceful shutdown.
+//! - [`limits`]: [`ServerLimits`], every resource bound a server enforces.
+//! - [`message_size`]: oversize request messages → RESOURCE_EXHAUSTED from the length prefix.
+//! - [`deadline`]: the caller's `grpc-timeout`.
+//! - [`health`]: the health statuses, including `readiness`.
+//! - [`shutdown`]: the SIGTERM / Ctrl-C signal.
+//! - [`telemetry`]: JSON logs, OTLP traces and metrics when configured.
+//! - [`config`]: typed settings from environment variables.
+
+pub mod config;
+pub mod deadline;
+pub mod health;
+pub mod limits;
+pub mod message_size;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{ConfigError, Env};
+pub use health::Health;
+pub use limits::ServerLimits;
+pub use server::{ServeError, ServiceSet, serve};

@@ -1,0 +1,40 @@
+//! The test harness: real PostgreSQL, real Redis, real service binaries.
+//!
+//! `cargo xtask test` starts a throwaway PostgreSQL and Redis and tells the tests where
+//! they are through environment variables; every test then gets its own database
+//! ([`postgres::TestDatabase`]), its own Redis key space ([`redis::TestRedis`]), and
+//! services on port 0 — in-process through each crate's `run`, or as spawned binaries
+//! ([`process::SpawnedService`]) when a test must signal or kill a process.
+//!
+//! The tests themselves live in `tests/suite/`, one module per area, compiled into one
+//! binary.
+
+pub mod grpcurl;
+pub mod postgres;
+pub mod process;
+pub mod redis;
+pub mod services;
+
+use std::time::Duration;
+
+/// `PAYSUITE_TEST_PG_URL`: a superuser URL of the throwaway PostgreSQL.
+pub const ENV_PG_URL: &str = "PAYSUITE_TEST_PG_URL";
+/// `PAYSUITE_TEST_REDIS_URL`: the throwaway Redis.
+pub const ENV_REDIS_URL: &str = "PAYSUITE_TEST_REDIS_URL";
+/// `PAYSUITE_GRPCURL`: the grpcurl binary.
+pub const ENV_GRPCURL: &str = "PAYSUITE_GRPCURL";
+/// `PAYSUITE_BIN_DIR`: where the service binaries were built.
+pub const ENV_BIN_DIR: &str = "PAYSUITE_BIN_DIR";
+
+/// A liveness bound for things configured to happen "soon": tests assert behaviour,
+/// never speed, and this machine is shared (DESIGN §10).
+pub const LIVENESS: Duration = Duration::from_secs(30);
+
+/// Reads a variable that `cargo xtask test` provides, with a message saying so.
+pub fn provided(variable: &str) -> anyhow::Result<String> {
+    std::env::var(variable).map_err(|_| {
+        anyhow::anyhow!(
+            "{variable} is not set: run the tests through `cargo xtask test`, which provisions it"
+        )
+    })
+}

@@ -1,0 +1,94 @@
+//! A fresh database per test, with the two roles of DESIGN §4: a schema owner that runs
+//! migrations and a service role that owns nothing.
+//!
+//! Databases are not dropped: the whole throwaway cluster is removed by `cargo xtask test`.
+
+use secrecy::SecretString;
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::{ENV_PG_URL, provided};
+
+/// Role that owns the schema and runs migrations.
+pub const OWNER_ROLE: &str = "paysuite_test_owner";
+/// Role the service connects as.
+pub const SERVICE_ROLE: &str = "paysuite_test_app";
+/// Password of both test roles (the cluster only listens on 127.0.0.1 and lives for one run).
+pub const TEST_PASSWORD: &str = "paysuite-test-password";
+
+/// One test's database.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    host: String,
+    port: u16,
+    superuser_url: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database owned by [`OWNER_ROLE`].
+    pub async fn create() -> anyhow::Result<Self> {
+        let superuser_url = provided(ENV_PG_URL)?;
+        let parsed = url::Url::parse(&superuser_url)?;
+        let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
+        let port = parsed.port().unwrap_or(5432);
+        let mut admin = PgConnection::connect(&superuser_url).await?;
+        for role in [OWNER_ROLE, SERVICE_ROLE] {
+            // Tests run in parallel: tolerate another test creating the role first.
+            let statement = format!(
+                "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{TEST_PASSWORD}'; \
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            );
+            admin.execute(sqlx::AssertSqlSafe(statement)).await?;
+        }
+        let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE {name} OWNER {OWNER_ROLE}"
+            )))
+            .await?;
+        admin.close().await?;
+        Ok(Self {
+            name,
+            host,
+            port,
+            superuser_url,
+        })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// URL of the schema owner.
+    pub fn owner_url(&self) -> String {
+        self.url_for(OWNER_ROLE)
+    }
+
+    /// URL of the service role.
+    pub fn service_url(&self) -> String {
+        self.url_for(SERVICE_ROLE)
+    }
+
+    /// URL of the cluster's superuser, on this database.
+    pub fn superuser_url(&self) -> anyhow::Result<String> {
+        let mut url = url::Url::parse(&self.superuser_url)?;
+        url.set_path(&self.name);
+        Ok(url.to_string())
+    }
+
+    /// payment-svc's database settings: service role for serving, owner for migrations.
+    pub fn payment_config(&self) -> payment_svc::config::DatabaseConfig {
+        let mut config =
+            payment_svc::config::DatabaseConfig::with_url(SecretString::from(self.service_url()));
+        config.migration_url = Some(SecretString::from(self.owner_url()));
+        config
+    }
+
+    fn url_for(&self, role: &str) -> String {
+        format!(
+            "postgres://{role}:{TEST_PASSWORD}@{}:{}/{}",
+            self.host, self.port, self.name
+        )
+    }
+}

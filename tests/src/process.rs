@@ -1,0 +1,225 @@
+//! Service binaries as real processes, for tests that signal or kill them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::{ENV_BIN_DIR, LIVENESS};
+
+/// The path of a workspace binary (`payment-svc`, …) built by `cargo xtask test`.
+pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os(ENV_BIN_DIR) {
+        Some(dir) => PathBuf::from(dir),
+        // target/debug/deps/suite-<hash> → target/debug
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|deps| deps.parent())
+            .map(PathBuf::from)
+            .context("cannot locate the target directory")?,
+    };
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} does not exist: run `cargo build --bins` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Captured output lines of a child process.
+#[derive(Debug, Clone, Default)]
+pub struct Lines(Arc<Mutex<Vec<String>>>);
+
+impl Lines {
+    fn push(&self, line: String) {
+        if let Ok(mut lines) = self.0.lock() {
+            lines.push(line);
+        }
+    }
+
+    /// Everything captured so far.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().map(|lines| lines.clone()).unwrap_or_default()
+    }
+
+    /// Everything captured so far, joined for assertion messages.
+    pub fn joined(&self) -> String {
+        self.snapshot().join("\n")
+    }
+}
+
+/// A running service binary; killed when dropped.
+#[derive(Debug)]
+pub struct SpawnedService {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+impl SpawnedService {
+    /// Starts `binary` with `envs` (plus `LISTEN_ADDR=127.0.0.1:0` unless given) and waits
+    /// until its log says where it is serving.
+    pub async fn start(binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary_path(binary)?);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning {binary}"))?;
+        let stdout = Lines::default();
+        let stderr = Lines::default();
+        let (addr_tx, mut addr_rx) = watch::channel(None::<SocketAddr>);
+        if let Some(out) = child.stdout.take() {
+            let lines = stdout.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(out).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if let Some(addr) = serving_address(&line) {
+                        let _ = addr_tx.send(Some(addr));
+                    }
+                    lines.push(line);
+                }
+            });
+        }
+        if let Some(err) = child.stderr.take() {
+            let lines = stderr.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(err).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.push(line);
+                }
+            });
+        }
+        let addr = tokio::time::timeout(LIVENESS, async {
+            loop {
+                if let Some(addr) = *addr_rx.borrow_and_update() {
+                    return Ok(addr);
+                }
+                if addr_rx.changed().await.is_err() {
+                    bail!("exited before serving");
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("not serving after {LIVENESS:?}")));
+        match addr {
+            Ok(addr) => Ok(Self {
+                name: binary.to_owned(),
+                child,
+                addr,
+                stdout,
+                stderr,
+            }),
+            Err(err) => {
+                let _ = child.start_kill();
+                bail!(
+                    "{binary}: {err}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    stdout.joined(),
+                    stderr.joined()
+                )
+            }
+        }
+    }
+
+    /// Where it serves.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, for tonic clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already reaped")?;
+        let pid = i32::try_from(pid).context("pid out of range")?;
+        nix::sys::signal::kill(Pid::from_raw(pid), signal)?;
+        Ok(())
+    }
+
+    /// Waits (at most `bound`) for the process to exit.
+    pub async fn wait(&mut self, bound: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(bound, self.child.wait())
+            .await
+            .with_context(|| format!("{} still running after {bound:?}", self.name))?
+            .context("waiting for the process")
+    }
+
+    /// Its stdout lines (JSON logs).
+    pub fn stdout(&self) -> &Lines {
+        &self.stdout
+    }
+
+    /// Its stderr lines.
+    pub fn stderr(&self) -> &Lines {
+        &self.stderr
+    }
+}
+
+/// The address from the server's `serving gRPC` log line.
+fn serving_address(line: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = value.get("fields")?;
+    if fields.get("message")?.as_str()? != "serving gRPC" {
+        return None;
+    }
+    fields.get("address")?.as_str()?.parse().ok()
+}
+
+/// What a process that ran to completion left behind.
+#[derive(Debug)]
+pub struct Finished {
+    /// How it exited.
+    pub status: ExitStatus,
+    /// Its standard output (JSON logs).
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs `binary` to completion (bounded by [`LIVENESS`]), for commands and start-up failures.
+pub async fn run_to_exit(
+    binary: &str,
+    envs: &[(&str, String)],
+    args: &[&str],
+) -> anyhow::Result<Finished> {
+    let output = Command::new(binary_path(binary)?)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(LIVENESS, output)
+        .await
+        .with_context(|| format!("{binary} still running after {LIVENESS:?}"))??;
+    Ok(Finished {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}

@@ -1,0 +1,105 @@
+//! The services in-process, each behind its own `127.0.0.1:0` listener.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::postgres::TestDatabase;
+
+/// A service running in this process; stopped (gracefully) by [`RunningService::stop`],
+/// aborted when dropped.
+#[derive(Debug)]
+pub struct RunningService {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningService {
+    async fn start<F, Fut>(run: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(run(listener, stopped));
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Where it serves.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, for tonic clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Asks the service to shut down and waits for `run` to return.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.context("service task panicked")?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn on_signal(stopped: oneshot::Receiver<()>) {
+    let _ = stopped.await;
+}
+
+/// payment-svc on `database` (migrated on start, serving as the service role).
+pub async fn payment(database: &TestDatabase) -> anyhow::Result<RunningService> {
+    let mut config = payment_svc::Config::from_env(&service_kit::Env::from_pairs([(
+        payment_svc::config::ENV_DATABASE_URL,
+        database.service_url(),
+    )]))?;
+    config.database = database.payment_config();
+    RunningService::start(move |listener, stopped| async move {
+        payment_svc::run(listener, config, on_signal(stopped)).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// ratelimit-svc with default settings.
+pub async fn ratelimit() -> anyhow::Result<RunningService> {
+    RunningService::start(|listener, stopped| async move {
+        let config = ratelimit_svc::Config::with_listen_addr(listener.local_addr()?);
+        ratelimit_svc::run(listener, config, on_signal(stopped)).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// gateway-svc with default settings.
+pub async fn gateway() -> anyhow::Result<RunningService> {
+    RunningService::start(|listener, stopped| async move {
+        let config = gateway_svc::Config::with_listen_addr(listener.local_addr()?);
+        gateway_svc::run(listener, config, on_signal(stopped)).await?;
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,163 @@
+//! payment-svc's database: migrations, the service role's privileges, the append-only
+//! audit trail, and start-up against an unreachable server.
+
+use std::collections::BTreeSet;
+
+use sqlx::{Connection, Executor, PgConnection, Row};
+use tests::postgres::TestDatabase;
+use tests::process::run_to_exit;
+
+async fn error_code(connection: &mut PgConnection, statement: &str) -> Option<String> {
+    match connection
+        .execute(sqlx::AssertSqlSafe(statement.to_owned()))
+        .await
+    {
+        Ok(_) => None,
+        Err(err) => err
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned()),
+    }
+}
+
+#[tokio::test]
+async fn migrations_grant_the_service_role_only_what_it_needs() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let config = database.payment_config();
+    payment_svc::db::migrate(&config).await?;
+    // Running again is a no-op (replicas may all migrate on start).
+    payment_svc::db::migrate(&config).await?;
+
+    let mut service = PgConnection::connect(&database.service_url()).await?;
+    service
+        .execute(
+            "INSERT INTO audit_log (owner_id, principal, action, entity_type, entity_id, request_id) \
+             VALUES ('tenant', 'demo', 'test.insert', 'test', '1', 'req-1')",
+        )
+        .await?;
+    let rows = service.fetch_all("SELECT id FROM audit_log").await?;
+    assert_eq!(rows.len(), 1);
+
+    // The service role holds no UPDATE/DELETE/TRUNCATE privilege: 42501 insufficient_privilege.
+    for statement in [
+        "UPDATE audit_log SET action = 'x'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        assert_eq!(
+            error_code(&mut service, statement).await.as_deref(),
+            Some("42501"),
+            "{statement}"
+        );
+    }
+    // The owner bypasses privileges, so the triggers refuse it too.
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    for statement in [
+        "UPDATE audit_log SET action = 'x'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        assert_eq!(
+            error_code(&mut owner, statement).await.as_deref(),
+            Some("42501"),
+            "{statement}"
+        );
+    }
+    let count: i64 = owner
+        .fetch_one("SELECT count(*) FROM audit_log")
+        .await?
+        .try_get(0)?;
+    assert_eq!(count, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_table_has_its_service_privileges_declared() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    payment_svc::db::migrate(&database.payment_config()).await?;
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let tables: BTreeSet<String> = owner
+        .fetch_all(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'",
+        )
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>(0))
+        .collect::<Result<_, _>>()?;
+    let declared: BTreeSet<String> = payment_svc::db::SERVICE_PRIVILEGES
+        .iter()
+        .map(|(table, _)| (*table).to_owned())
+        .collect();
+    assert_eq!(
+        tables, declared,
+        "db::SERVICE_PRIVILEGES must list exactly the schema's tables"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn spawned_migrate_command_applies_migrations_and_exits() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let finished = run_to_exit(
+        "payment-svc",
+        &[
+            ("DATABASE_URL", database.service_url()),
+            ("DATABASE_MIGRATION_URL", database.owner_url()),
+        ],
+        &["migrate"],
+    )
+    .await?;
+    assert!(finished.status.success(), "{finished:?}");
+    let mut service = PgConnection::connect(&database.service_url()).await?;
+    let rows = service.fetch_all("SELECT id FROM audit_log").await?;
+    assert!(rows.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn spawned_payment_svc_exits_with_one_line_when_database_is_unreachable() -> anyhow::Result<()>
+{
+    // A port nothing listens on: bind it, note it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let password = "Sup3r-S3cret-pw";
+    let finished = run_to_exit(
+        "payment-svc",
+        &[
+            (
+                "DATABASE_URL",
+                format!("postgres://paysuite:{password}@127.0.0.1:{port}/paysuite"),
+            ),
+            ("DATABASE_CONNECT_TIMEOUT", "2s".to_owned()),
+        ],
+        &[],
+    )
+    .await?;
+    assert!(!finished.status.success(), "{finished:?}");
+    let lines: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one line on stderr: {:?}",
+        finished.stderr
+    );
+    assert!(
+        lines[0].contains(&format!("127.0.0.1:{port}")),
+        "names the host: {}",
+        lines[0]
+    );
+    assert!(
+        lines[0].starts_with("payment-svc: cannot connect to PostgreSQL"),
+        "{}",
+        lines[0]
+    );
+    for output in [&finished.stderr, &finished.stdout] {
+        assert!(!output.contains(password), "the password leaked: {output}");
+    }
+    Ok(())
+}

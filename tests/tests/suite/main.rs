@@ -1,0 +1,8 @@
+//! The integration and end-to-end tests, one module per area (one binary, so the
+//! workspace links it once). Tests whose name contains `spawned` start several processes
+//! and run serially (see `.config/nextest.toml`).
+
+mod database;
+mod limits;
+mod reflection;
+mod shutdown;
