@@ -10,7 +10,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::config::DatabaseConfig;
 
@@ -72,12 +73,11 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
             ),
         ]);
     let target = describe(&options);
-    let pool = PgPoolOptions::new()
+    check_reachable(&options, &target, config.connect_timeout).await?;
+    Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
-        .connect_lazy_with(options);
-    check_reachable(&pool, &target, config.connect_timeout).await?;
-    Ok(pool)
+        .connect_lazy_with(options))
 }
 
 /// Runs pending migrations as the schema owner, then grants the service role its
@@ -91,11 +91,11 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
         parse_url(owner_url, owner_variable)?.application_name("payment-svc migrate");
     let service_options = parse_url(&config.url, crate::config::ENV_DATABASE_URL)?;
     let target = describe(&owner_options);
+    check_reachable(&owner_options, &target, config.connect_timeout).await?;
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(config.connect_timeout)
         .connect_lazy_with(owner_options.clone());
-    check_reachable(&pool, &target, config.connect_timeout).await?;
 
     MIGRATOR
         .run(&pool)
@@ -134,10 +134,20 @@ fn parse_url(url: &SecretString, variable: &'static str) -> Result<PgConnectOpti
     PgConnectOptions::from_str(url.expose_secret()).map_err(|_| DbError::InvalidUrl { variable })
 }
 
-async fn check_reachable(pool: &PgPool, target: &str, timeout: Duration) -> Result<(), DbError> {
-    let ping = sqlx::query("SELECT 1").execute(pool);
-    match tokio::time::timeout(timeout, ping).await {
-        Ok(Ok(_)) => Ok(()),
+/// Opens one connection to report exactly why the server cannot be used (a pool would
+/// only say that it timed out).
+async fn check_reachable(
+    options: &PgConnectOptions,
+    target: &str,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    let connect = PgConnection::connect_with(options);
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(connection)) => {
+            // Closing politely is best effort; the check already succeeded.
+            let _ = connection.close().await;
+            Ok(())
+        }
         Ok(Err(err)) => Err(DbError::Unreachable {
             target: target.to_owned(),
             reason: one_line(&err),
