@@ -22,4 +22,4 @@ pub mod telemetry;
 pub use config::{ConfigError, Env};
 pub use health::Health;
 pub use limits::ServerLimits;
-pub use server::{ServeError, ServiceSet, serve};
+pub use server::{ServeError, ServerStats, ServiceSet, serve};

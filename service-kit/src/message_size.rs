@@ -34,9 +34,14 @@ pub struct MessageSizeLimit {
 impl MessageSizeLimit {
     /// Messages longer than `max_message_bytes` are refused.
     pub fn new(max_message_bytes: usize) -> Self {
+        Self::with_counter(max_message_bytes, Arc::default())
+    }
+
+    /// Like [`MessageSizeLimit::new`], counting refusals in `refused`.
+    pub fn with_counter(max_message_bytes: usize, refused: Arc<AtomicU64>) -> Self {
         Self {
             max_message_bytes,
-            refused: Arc::default(),
+            refused,
         }
     }
 

@@ -15,6 +15,7 @@
 //! 4. the message size limit — oversize messages are refused from their length prefix;
 //! 5. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED).
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,8 +53,9 @@ const HTTP2_PREFACE_LEN: u64 = 24;
 pub struct ServiceSet {
     server_name: &'static str,
     routes: RoutesBuilder,
-    reflected: Vec<String>,
+    reflected: BTreeSet<String>,
     health: Health,
+    stats: Arc<ServerStats>,
 }
 
 impl std::fmt::Debug for ServiceSet {
@@ -76,8 +78,9 @@ impl ServiceSet {
         Self {
             server_name,
             routes,
-            reflected: Vec::new(),
+            reflected: BTreeSet::new(),
             health: Health::new(reporter),
+            stats: Arc::default(),
         }
     }
 
@@ -93,7 +96,7 @@ impl ServiceSet {
         S::Future: Send + 'static,
     {
         self.health.track(S::NAME);
-        self.reflected.push(S::NAME.to_owned());
+        self.reflected.insert(S::NAME.to_owned());
         self.routes.add_service(service);
         self
     }
@@ -127,11 +130,17 @@ impl ServiceSet {
         self.health.clone()
     }
 
-    fn into_routes(self) -> Result<(Routes, Health), ServeError> {
+    /// The handle to this server's counters.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn into_parts(self) -> Result<(Routes, Health, Arc<ServerStats>), ServeError> {
         let ServiceSet {
             mut routes,
             reflected,
             health,
+            stats,
             ..
         } = self;
         let mut v1 = tonic_reflection::server::Builder::configure()
@@ -151,8 +160,28 @@ impl ServiceSet {
         routes
             .add_service(v1.build_v1().map_err(ServeError::Reflection)?)
             .add_service(v1alpha.build_v1alpha().map_err(ServeError::Reflection)?);
-        Ok((routes.routes().prepare(), health))
+        Ok((routes.routes().prepare(), health, stats))
     }
+}
+
+/// Counters of what a server's limits did, for metrics and for tests that must prove
+/// which path ran.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections_accepted: AtomicU64,
+    /// Connections dropped for not sending the HTTP/2 preface in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Connections sent GOAWAY after the idle timeout.
+    pub idle_connections_closed: AtomicU64,
+    /// Connections sent GOAWAY at their maximum age.
+    pub aged_connections_closed: AtomicU64,
+    /// Unary calls refused because their connection had too many in flight.
+    pub unary_calls_shed: AtomicU64,
+    /// Calls abandoned when the caller's `grpc-timeout` passed.
+    pub deadlines_exceeded: AtomicU64,
+    /// Request messages refused for their size.
+    pub messages_refused_oversize: Arc<AtomicU64>,
 }
 
 /// Why a server could not run.
@@ -180,8 +209,8 @@ where
 {
     let server_name = services.server_name;
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
-    let (routes, health) = services.into_routes()?;
-    let connection = Arc::new(ConnectionConfig::new(routes, limits));
+    let (routes, health, stats) = services.into_parts()?;
+    let connection = Arc::new(ConnectionConfig::new(routes, limits, Arc::clone(&stats)));
     let open_connections = Arc::new(Semaphore::new(limits.max_connections));
     let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
@@ -206,6 +235,7 @@ where
         };
         match accepted {
             Ok((stream, peer)) => {
+                stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
                 configure_socket(&stream, limits);
                 let connection = Arc::clone(&connection);
                 let stop = stop.clone();
@@ -272,10 +302,11 @@ struct ConnectionConfig {
     max_connection_age: Duration,
     max_connection_age_grace: Duration,
     max_unary_per_connection: usize,
+    stats: Arc<ServerStats>,
 }
 
 impl ConnectionConfig {
-    fn new(routes: Routes, limits: &ServerLimits) -> Self {
+    fn new(routes: Routes, limits: &ServerLimits, stats: Arc<ServerStats>) -> Self {
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -288,12 +319,16 @@ impl ConnectionConfig {
         Self {
             http2,
             routes,
-            message_size: MessageSizeLimit::new(limits.max_message_bytes),
+            message_size: MessageSizeLimit::with_counter(
+                limits.max_message_bytes,
+                Arc::clone(&stats.messages_refused_oversize),
+            ),
             handshake_timeout: limits.handshake_timeout,
             idle_timeout: limits.idle_timeout,
             max_connection_age: limits.max_connection_age,
             max_connection_age_grace: limits.max_connection_age_grace,
             max_unary_per_connection: limits.max_unary_per_connection,
+            stats,
         }
     }
 
@@ -305,6 +340,7 @@ impl ConnectionConfig {
             state: Arc::clone(&state),
             unary_permits: Arc::new(Semaphore::new(self.max_unary_per_connection)),
             message_size: self.message_size.clone(),
+            stats: Arc::clone(&self.stats),
         };
         let io = TokioIo::new(CountingIo {
             inner: stream,
@@ -340,6 +376,7 @@ impl ConnectionConfig {
                 () = &mut handshake, if !handshake_checked => {
                     handshake_checked = true;
                     if state.bytes_read.load(Ordering::Relaxed) < HTTP2_PREFACE_LEN {
+                        self.stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, "no HTTP/2 preface before the handshake timeout");
                         return;
                     }
@@ -347,6 +384,7 @@ impl ConnectionConfig {
                 () = &mut idle, if !going_away => {
                     let idle_for = state.idle_for();
                     if idle_for >= self.idle_timeout {
+                        self.stats.idle_connections_closed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, "closing idle connection");
                         going_away = true;
                         connection.as_mut().graceful_shutdown();
@@ -356,6 +394,7 @@ impl ConnectionConfig {
                     }
                 }
                 () = &mut age, if !going_away => {
+                    self.stats.aged_connections_closed.fetch_add(1, Ordering::Relaxed);
                     going_away = true;
                     grace_armed = true;
                     grace.as_mut().reset(Instant::now() + self.max_connection_age_grace);
@@ -483,6 +522,7 @@ struct ConnectionService {
     state: Arc<ConnectionState>,
     unary_permits: Arc<Semaphore>,
     message_size: MessageSizeLimit,
+    stats: Arc<ServerStats>,
 }
 
 type ResponseFuture =
@@ -507,6 +547,7 @@ impl Service<Request<Incoming>> for ConnectionService {
             match Arc::clone(&self.unary_permits).try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
+                    self.stats.unary_calls_shed.fetch_add(1, Ordering::Relaxed);
                     let status = Status::unavailable(
                         "server overloaded: too many calls in flight on this connection",
                     );
@@ -522,18 +563,23 @@ impl Service<Request<Incoming>> for ConnectionService {
         let message_size = self.message_size.clone();
         let request = request.map(|body| tonic::body::Body::new(message_size.wrap(body)));
         let mut routes = self.routes.clone();
+        let stats = Arc::clone(&self.stats);
         Box::pin(async move {
             let call = routes.call(request);
-            let response = match deadline {
-                None => call.await,
-                Some(deadline) => match tokio::time::timeout(deadline, call).await {
-                    Ok(response) => response,
-                    Err(_) => Ok(Status::deadline_exceeded(
-                        "deadline exceeded before the call completed",
-                    )
-                    .into_http()),
-                },
-            };
+            let response =
+                match deadline {
+                    None => call.await,
+                    Some(deadline) => match tokio::time::timeout(deadline, call).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            stats.deadlines_exceeded.fetch_add(1, Ordering::Relaxed);
+                            Ok(Status::deadline_exceeded(
+                                "deadline exceeded before the call completed",
+                            )
+                            .into_http())
+                        }
+                    },
+                };
             let response = match response {
                 Ok(response) => response,
                 Err(never) => match never {},
