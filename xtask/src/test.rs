@@ -33,6 +33,7 @@ pub fn run(filter: &[String], interrupted: &AtomicBool) -> anyhow::Result<()> {
             ]),
             interrupted,
         )?;
+        check_no_duplicate_core_dependencies()?;
         let mut buf = Command::new(&tools.buf);
         buf.arg("lint").current_dir(workspace_root());
         step("buf lint", buf, interrupted)?;
@@ -63,6 +64,66 @@ pub fn run(filter: &[String], interrupted: &AtomicBool) -> anyhow::Result<()> {
 
     // Kubernetes manifest validation joins here once k8s/ holds manifests.
     println!("xtask: all checks passed");
+    Ok(())
+}
+
+/// Crates of which exactly one version may be linked: two tonics or prosts do not
+/// interoperate, and two OpenTelemetry SDKs silently lose telemetry.
+const SINGLE_VERSION: &[&str] = &[
+    "tonic",
+    "prost",
+    "opentelemetry",
+    "tokio",
+    "hyper",
+    "h2",
+    "tower",
+    "sqlx",
+    "redis",
+];
+
+/// Fails when `cargo tree -d` shows a second version of a [`SINGLE_VERSION`] crate family.
+fn check_no_duplicate_core_dependencies() -> anyhow::Result<()> {
+    println!("xtask: ── duplicate core dependencies");
+    let output = cargo(&[
+        "tree",
+        "--workspace",
+        "-d",
+        "--depth",
+        "0",
+        "--prefix",
+        "none",
+        "--locked",
+    ])
+    .output()
+    .context("running cargo tree")?;
+    if !output.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let mut versions: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let mut words = line.split_whitespace();
+        if let (Some(name), Some(version)) = (words.next(), words.next()) {
+            let family = name.split(['-', '_']).next().unwrap_or(name);
+            if SINGLE_VERSION.contains(&family) {
+                versions
+                    .entry(name.to_owned())
+                    .or_default()
+                    .insert(version.to_owned());
+            }
+        }
+    }
+    let duplicated: Vec<String> = versions
+        .into_iter()
+        .filter(|(_, versions)| versions.len() > 1)
+        .map(|(name, versions)| format!("{name} {versions:?}"))
+        .collect();
+    if !duplicated.is_empty() {
+        bail!("several versions linked of: {}", duplicated.join(", "));
+    }
     Ok(())
 }
 
