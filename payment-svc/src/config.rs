@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use service_kit::{ConfigError, Env, ServerLimits};
+use service_kit::{ConfigError, Env, IdentityConfig, ServerLimits};
 
 /// `LISTEN_ADDR`: the gRPC listen address.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -37,9 +37,14 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// PostgreSQL settings.
     pub database: DatabaseConfig,
+    /// How callers' identity tokens are verified.
+    pub identity: IdentityConfig,
     /// Server hardening.
     pub limits: ServerLimits,
 }
+
+/// The audience payment-svc's identity tokens name.
+pub const AUDIENCE: &str = "payment-svc";
 
 /// PostgreSQL settings.
 #[derive(Debug, Clone)]
@@ -73,6 +78,7 @@ impl Config {
         Ok(Self {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             database: DatabaseConfig::from_env(env)?,
+            identity: IdentityConfig::from_env(env, AUDIENCE)?,
             limits: ServerLimits::from_env(env)?,
         })
     }

@@ -40,7 +40,7 @@ where
         db::migrate(&config.database).await?;
     }
     let pool = db::connect(&config.database).await?;
-    let services = grpc::services(pool.clone());
+    let services = grpc::services(pool.clone()).require_identity(config.identity.verifier());
     serve(listener, services, &config.limits, shutdown).await?;
     pool.close().await;
     Ok(())

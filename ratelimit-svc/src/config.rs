@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use service_kit::{ConfigError, Env, ServerLimits};
+use service_kit::{ConfigError, Env, IdentityConfig, ServerLimits};
 
 /// `LISTEN_ADDR`: the gRPC listen address.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -10,11 +10,17 @@ pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
 
+/// The audience ratelimit-svc's identity tokens name.
+pub const AUDIENCE: &str = "ratelimit-svc";
+
 /// Everything ratelimit-svc needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Where `main` binds the gRPC listener.
     pub listen_addr: SocketAddr,
+    /// How callers' identity tokens are verified (for `paysuite.ratelimit.v1`; Envoy's
+    /// RLS API carries no paysuite identity).
+    pub identity: IdentityConfig,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -27,14 +33,17 @@ impl Config {
             .map_err(|err| ConfigError::new(ENV_LISTEN_ADDR, err))?;
         Ok(Self {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
+            identity: IdentityConfig::from_env(env, AUDIENCE)?,
             limits: ServerLimits::from_env(env)?,
         })
     }
 
-    /// The defaults, listening on `listen_addr` (tests build configs this way).
-    pub fn with_listen_addr(listen_addr: SocketAddr) -> Self {
+    /// The defaults, listening on `listen_addr` and trusting `identity` (tests build
+    /// configs this way).
+    pub fn new(listen_addr: SocketAddr, identity: IdentityConfig) -> Self {
         Self {
             listen_addr,
+            identity,
             limits: ServerLimits::default(),
         }
     }

@@ -25,5 +25,6 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    service_kit::serve(listener, grpc::services(), &config.limits, shutdown).await
+    let services = grpc::services().require_identity(config.identity.verifier());
+    service_kit::serve(listener, services, &config.limits, shutdown).await
 }

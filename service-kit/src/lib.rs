@@ -6,6 +6,7 @@
 //! - [`message_size`]: oversize request messages → RESOURCE_EXHAUSTED from the length prefix.
 //! - [`deadline`]: the caller's `grpc-timeout`.
 //! - [`health`]: the health statuses, including `readiness`.
+//! - [`identity`]: Ed25519 identity tokens between the gateway and the services.
 //! - [`shutdown`]: the SIGTERM / Ctrl-C signal.
 //! - [`telemetry`]: JSON logs, OTLP traces and metrics when configured.
 //! - [`config`]: typed settings from environment variables.
@@ -13,6 +14,7 @@
 pub mod config;
 pub mod deadline;
 pub mod health;
+pub mod identity;
 pub mod limits;
 pub mod message_size;
 pub mod server;
@@ -21,5 +23,6 @@ pub mod telemetry;
 
 pub use config::{ConfigError, Env};
 pub use health::Health;
+pub use identity::{Identity, IdentityConfig};
 pub use limits::ServerLimits;
 pub use server::{ServeError, ServerStats, ServiceSet, serve};

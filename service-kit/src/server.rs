@@ -9,11 +9,13 @@
 //!
 //! Per connection, a request passes through, top-down:
 //! 1. in-flight tracking — the idle timeout only counts time with no call in flight;
-//! 2. unary load shedding — beyond the per-connection limit a unary call is refused with
+//! 2. identity (when required) — a paysuite RPC needs a valid token holding its
+//!    `required_scope`; health and reflection never do;
+//! 3. unary load shedding — beyond the per-connection limit a unary call is refused with
 //!    UNAVAILABLE at once (clients retry elsewhere) instead of queueing; streams are exempt;
-//! 3. the caller's `grpc-timeout` — the handler is abandoned when the deadline passes;
-//! 4. the message size limit — oversize messages are refused from their length prefix;
-//! 5. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED).
+//! 4. the caller's `grpc-timeout` — the handler is abandoned when the deadline passes;
+//! 5. the message size limit — oversize messages are refused from their length prefix;
+//! 6. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -42,6 +44,7 @@ use tonic::service::{Routes, RoutesBuilder};
 use tower_service::Service;
 
 use crate::health::Health;
+use crate::identity::Verifier;
 use crate::limits::ServerLimits;
 use crate::message_size::MessageSizeLimit;
 
@@ -56,6 +59,7 @@ pub struct ServiceSet {
     reflected: BTreeSet<String>,
     health: Health,
     stats: Arc<ServerStats>,
+    verifier: Option<Arc<Verifier>>,
 }
 
 impl std::fmt::Debug for ServiceSet {
@@ -81,6 +85,7 @@ impl ServiceSet {
             reflected: BTreeSet::new(),
             health: Health::new(reporter),
             stats: Arc::default(),
+            verifier: None,
         }
     }
 
@@ -130,17 +135,26 @@ impl ServiceSet {
         self.health.clone()
     }
 
+    /// Requires a valid identity token holding the RPC's `required_scope` on every
+    /// paysuite RPC (health and reflection stay open); handlers find the caller's
+    /// [`Identity`] in the request extensions.
+    pub fn require_identity(mut self, verifier: Verifier) -> Self {
+        self.verifier = Some(Arc::new(verifier));
+        self
+    }
+
     /// The handle to this server's counters.
     pub fn stats(&self) -> Arc<ServerStats> {
         Arc::clone(&self.stats)
     }
 
-    fn into_parts(self) -> Result<(Routes, Health, Arc<ServerStats>), ServeError> {
+    fn into_parts(self) -> Result<ServerParts, ServeError> {
         let ServiceSet {
             mut routes,
             reflected,
             health,
             stats,
+            verifier,
             ..
         } = self;
         let mut v1 = tonic_reflection::server::Builder::configure()
@@ -160,8 +174,20 @@ impl ServiceSet {
         routes
             .add_service(v1.build_v1().map_err(ServeError::Reflection)?)
             .add_service(v1alpha.build_v1alpha().map_err(ServeError::Reflection)?);
-        Ok((routes.routes().prepare(), health, stats))
+        Ok(ServerParts {
+            routes: routes.routes().prepare(),
+            health,
+            stats,
+            verifier,
+        })
     }
+}
+
+struct ServerParts {
+    routes: Routes,
+    health: Health,
+    stats: Arc<ServerStats>,
+    verifier: Option<Arc<Verifier>>,
 }
 
 /// Counters of what a server's limits did, for metrics and for tests that must prove
@@ -209,8 +235,18 @@ where
 {
     let server_name = services.server_name;
     let local_addr = listener.local_addr().map_err(ServeError::Listener)?;
-    let (routes, health, stats) = services.into_parts()?;
-    let connection = Arc::new(ConnectionConfig::new(routes, limits, Arc::clone(&stats)));
+    let ServerParts {
+        routes,
+        health,
+        stats,
+        verifier,
+    } = services.into_parts()?;
+    let connection = Arc::new(ConnectionConfig::new(
+        routes,
+        limits,
+        Arc::clone(&stats),
+        verifier,
+    ));
     let open_connections = Arc::new(Semaphore::new(limits.max_connections));
     let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
@@ -303,10 +339,16 @@ struct ConnectionConfig {
     max_connection_age_grace: Duration,
     max_unary_per_connection: usize,
     stats: Arc<ServerStats>,
+    verifier: Option<Arc<Verifier>>,
 }
 
 impl ConnectionConfig {
-    fn new(routes: Routes, limits: &ServerLimits, stats: Arc<ServerStats>) -> Self {
+    fn new(
+        routes: Routes,
+        limits: &ServerLimits,
+        stats: Arc<ServerStats>,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Self {
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -329,6 +371,7 @@ impl ConnectionConfig {
             max_connection_age_grace: limits.max_connection_age_grace,
             max_unary_per_connection: limits.max_unary_per_connection,
             stats,
+            verifier,
         }
     }
 
@@ -341,6 +384,7 @@ impl ConnectionConfig {
             unary_permits: Arc::new(Semaphore::new(self.max_unary_per_connection)),
             message_size: self.message_size.clone(),
             stats: Arc::clone(&self.stats),
+            verifier: self.verifier.clone(),
         };
         let io = TokioIo::new(CountingIo {
             inner: stream,
@@ -523,6 +567,7 @@ struct ConnectionService {
     unary_permits: Arc<Semaphore>,
     message_size: MessageSizeLimit,
     stats: Arc<ServerStats>,
+    verifier: Option<Arc<Verifier>>,
 }
 
 type ResponseFuture =
@@ -538,8 +583,25 @@ impl Service<Request<Incoming>> for ConnectionService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let in_flight = self.state.call_started();
+        if let (Some(verifier), Some(policy)) = (
+            &self.verifier,
+            proto::policy::method_policy(request.uri().path()),
+        ) {
+            match crate::identity::authorize(verifier, &policy.required_scope, request.headers()) {
+                Ok(identity) => {
+                    request.extensions_mut().insert(identity);
+                }
+                Err(status) => {
+                    return Box::pin(std::future::ready(Ok(tracked(
+                        status.into_http(),
+                        in_flight,
+                        None,
+                    ))));
+                }
+            }
+        }
         let streaming = is_streaming(request.uri().path());
         let permit = if streaming {
             None

@@ -10,6 +10,7 @@
 //! binary.
 
 pub mod grpcurl;
+pub mod identity;
 pub mod postgres;
 pub mod process;
 pub mod redis;

@@ -72,10 +72,16 @@ async fn on_signal(stopped: oneshot::Receiver<()>) {
 
 /// payment-svc on `database` (migrated on start, serving as the service role).
 pub async fn payment(database: &TestDatabase) -> anyhow::Result<RunningService> {
-    let mut config = payment_svc::Config::from_env(&service_kit::Env::from_pairs([(
-        payment_svc::config::ENV_DATABASE_URL,
-        database.service_url(),
-    )]))?;
+    let mut config = payment_svc::Config::from_env(&service_kit::Env::from_pairs([
+        (
+            payment_svc::config::ENV_DATABASE_URL,
+            database.service_url(),
+        ),
+        (
+            service_kit::identity::ENV_PUBLIC_KEYS,
+            crate::identity::public_keys_env(),
+        ),
+    ]))?;
     config.database = database.payment_config();
     RunningService::start(move |listener, stopped| async move {
         payment_svc::run(listener, config, on_signal(stopped)).await?;
@@ -87,7 +93,10 @@ pub async fn payment(database: &TestDatabase) -> anyhow::Result<RunningService> 
 /// ratelimit-svc with default settings.
 pub async fn ratelimit() -> anyhow::Result<RunningService> {
     RunningService::start(|listener, stopped| async move {
-        let config = ratelimit_svc::Config::with_listen_addr(listener.local_addr()?);
+        let config = ratelimit_svc::Config::new(
+            listener.local_addr()?,
+            crate::identity::config(ratelimit_svc::config::AUDIENCE),
+        );
         ratelimit_svc::run(listener, config, on_signal(stopped)).await?;
         Ok(())
     })

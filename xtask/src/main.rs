@@ -3,12 +3,14 @@
 //! - `up`: provision PostgreSQL and Redis, start the three services, print grpcurl
 //!   commands, and tear everything down on Ctrl-C.
 //! - `test`: the same provisioning, then every check CI runs (`.ci/run` calls this).
+//! - `token`: an identity token signed with the development key, for grpcurl.
 //!
 //! Modules: [`tools`] installs what is missing, [`postgres`] and [`redis`] run throwaway
 //! servers, [`up`] and [`test`] are the commands.
 
 #![allow(clippy::print_stdout)]
 
+mod identity;
 mod postgres;
 mod redis;
 mod test;
@@ -41,6 +43,22 @@ enum Command {
         /// nextest filters (test name substrings).
         filter: Vec<String>,
     },
+    /// Print an identity token signed with the development key (what `up` trusts), for
+    /// `grpcurl -H "x-paysuite-identity: $(cargo xtask token …)"` straight to a service.
+    Token {
+        /// The principal (tenant) the token speaks for.
+        #[arg(long, default_value = "demo")]
+        principal: String,
+        /// Comma-separated scopes: payments:read, payments:write, admin, ratelimit:check.
+        #[arg(long, default_value = "payments:read,payments:write")]
+        scopes: String,
+        /// The service the token is for: payment-svc or ratelimit-svc.
+        #[arg(long, default_value = "payment-svc")]
+        audience: String,
+        /// Lifetime, at most the services' IDENTITY_MAX_TTL (1h by default).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +75,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up => up::run(&interrupted),
         Command::Test { filter } => test::run(&filter, &interrupted),
+        Command::Token {
+            principal,
+            scopes,
+            audience,
+            ttl,
+        } => identity::print_token(&principal, &scopes, &audience, &ttl),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

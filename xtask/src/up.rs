@@ -51,6 +51,7 @@ pub fn run(interrupted: &AtomicBool) -> anyhow::Result<()> {
     let service_url = postgres.url_for("paysuite_app", &service_password, "paysuite");
     let owner_url = postgres.url_for("paysuite_owner", &owner_password, "paysuite");
 
+    let identity_keys = crate::identity::dev_key()?.public_key().to_string();
     let bin_dir = target_dir().join("debug");
     let mut services = vec![
         Service::start(
@@ -61,13 +62,18 @@ pub fn run(interrupted: &AtomicBool) -> anyhow::Result<()> {
                 ("LISTEN_ADDR", PAYMENT),
                 ("DATABASE_URL", &service_url),
                 ("DATABASE_MIGRATION_URL", &owner_url),
+                ("IDENTITY_PUBLIC_KEYS", &identity_keys),
             ],
         )?,
         Service::start(
             "ratelimit-svc",
             &bin_dir,
             &run_dir,
-            &[("LISTEN_ADDR", RATELIMIT), ("REDIS_URL", redis.url())],
+            &[
+                ("LISTEN_ADDR", RATELIMIT),
+                ("REDIS_URL", redis.url()),
+                ("IDENTITY_PUBLIC_KEYS", &identity_keys),
+            ],
         )?,
         Service::start(
             "gateway-svc",
@@ -116,6 +122,9 @@ paysuite is up. Logs: {logs}
   {grpcurl} -plaintext -d '{{\"service\":\"readiness\"}}' {GATEWAY} grpc.health.v1.Health/Check
   {grpcurl} -plaintext -d '{{\"service\":\"readiness\"}}' {PAYMENT} grpc.health.v1.Health/Check
   {grpcurl} -plaintext -d '{{\"service\":\"readiness\"}}' {RATELIMIT} grpc.health.v1.Health/Check
+
+  # Straight to payment-svc, with an identity token from the development key:
+  {grpcurl} -plaintext -H \"x-paysuite-identity: $(cargo xtask token --principal demo --scopes payments:read,payments:write)\" {PAYMENT} paysuite.payments.v1.PaymentService/ListAccounts
 
   # The databases:
   psql '{service_url}'

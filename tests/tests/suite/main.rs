@@ -3,6 +3,7 @@
 //! and run serially (see `.config/nextest.toml`).
 
 mod database;
+mod identity;
 mod limits;
 mod reflection;
 mod shutdown;
