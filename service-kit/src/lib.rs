@@ -9,8 +9,10 @@
 //! - [`identity`]: Ed25519 identity tokens between the gateway and the services.
 //! - [`shutdown`]: the SIGTERM / Ctrl-C signal.
 //! - [`telemetry`]: JSON logs, OTLP traces and metrics when configured.
+//! - [`breaker`]: the circuit breaker (Closed, Open, HalfOpen).
 //! - [`config`]: typed settings from environment variables.
 
+pub mod breaker;
 pub mod config;
 pub mod deadline;
 pub mod health;
