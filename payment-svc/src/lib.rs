@@ -2,6 +2,7 @@
 //! balance/event streams, on PostgreSQL.
 //!
 //! - [`config`]: settings from the environment.
+//! - [`domain`]: money, keys and the other types business code works with — no IO, no protobuf.
 //! - [`db`]: the connection pool, migrations and the service role's privileges.
 //! - `grpc`: the gRPC edge — the only module that sees protobuf types.
 //!
@@ -10,6 +11,7 @@
 
 pub mod config;
 pub mod db;
+pub mod domain;
 mod grpc;
 
 use std::future::Future;

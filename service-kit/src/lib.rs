@@ -11,6 +11,7 @@
 //! - [`telemetry`]: JSON logs, OTLP traces and metrics when configured.
 //! - [`breaker`]: the circuit breaker (Closed, Open, HalfOpen).
 //! - [`config`]: typed settings from environment variables.
+//! - [`validation`]: INVALID_ARGUMENT with one field violation per bad field.
 
 pub mod breaker;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod message_size;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod validation;
 
 pub use config::{ConfigError, Env};
 pub use health::Health;
