@@ -27,6 +27,11 @@ pub const ENV_DATABASE_LOCK_TIMEOUT: &str = "DATABASE_LOCK_TIMEOUT";
 /// `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT`: PostgreSQL `idle_in_transaction_session_timeout`.
 pub const ENV_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT: &str = "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT";
 
+/// `PAYMENT_MAX_AMOUNT_MINOR`: the largest amount one request may move, in minor units.
+pub const ENV_MAX_AMOUNT_MINOR: &str = "PAYMENT_MAX_AMOUNT_MINOR";
+/// Default of `PAYMENT_MAX_AMOUNT_MINOR`: 1,000,000,000 minor units (10 million BRL).
+pub const DEFAULT_MAX_AMOUNT_MINOR: i64 = 1_000_000_000;
+
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50052";
 
@@ -39,6 +44,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// How callers' identity tokens are verified.
     pub identity: IdentityConfig,
+    /// The largest amount a request may move, in minor units.
+    pub max_amount_minor: i64,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -79,6 +86,16 @@ impl Config {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             database: DatabaseConfig::from_env(env)?,
             identity: IdentityConfig::from_env(env, AUDIENCE)?,
+            max_amount_minor: {
+                let max: i64 = env.parse_or(ENV_MAX_AMOUNT_MINOR, DEFAULT_MAX_AMOUNT_MINOR)?;
+                if max <= 0 {
+                    return Err(ConfigError::new(
+                        ENV_MAX_AMOUNT_MINOR,
+                        "must be greater than zero",
+                    ));
+                }
+                max
+            },
             limits: ServerLimits::from_env(env)?,
         })
     }

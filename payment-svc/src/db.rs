@@ -20,7 +20,16 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What the service role may do to each table; nothing else is granted. A test checks
 /// that every table of the schema is listed here.
-pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[("audit_log", "SELECT, INSERT")];
+pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[
+    ("audit_log", "SELECT, INSERT"),
+    // Balances change in place (debits of non-negative accounts); rows are never deleted.
+    ("accounts", "SELECT, INSERT, UPDATE"),
+    ("movements", "SELECT, INSERT"),
+    ("ledger_entries", "SELECT, INSERT"),
+    // Deltas are folded into `accounts.balance` and deleted.
+    ("balance_deltas", "SELECT, INSERT, DELETE"),
+    ("idempotency_keys", "SELECT, INSERT, UPDATE, DELETE"),
+];
 
 /// A database failure at start-up or in a migration.
 #[derive(Debug, thiserror::Error)]

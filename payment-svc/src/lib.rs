@@ -4,15 +4,23 @@
 //! - [`config`]: settings from the environment.
 //! - [`domain`]: money, keys and the other types business code works with — no IO, no protobuf.
 //! - [`db`]: the connection pool, migrations and the service role's privileges.
+//! - [`ledger`]: accounts and the double-entry, append-only ledger.
+//! - [`idempotency`]: idempotency keys — claim, fingerprint, stored answers, replay.
+//! - [`audit`]: the append-only audit trail.
+//! - [`error`]: the one error type and its one mapping to gRPC statuses.
 //! - `grpc`: the gRPC edge — the only module that sees protobuf types.
 //!
 //! [`run`] is the whole service behind a listener; `main` only reads config, sets up
 //! telemetry and binds.
 
+pub mod audit;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod error;
 mod grpc;
+pub mod idempotency;
+pub mod ledger;
 
 use std::future::Future;
 
@@ -42,7 +50,11 @@ where
         db::migrate(&config.database).await?;
     }
     let pool = db::connect(&config.database).await?;
-    let services = grpc::services(pool.clone()).require_identity(config.identity.verifier());
+    let settings = grpc::ApiSettings {
+        max_amount_minor: config.max_amount_minor,
+    };
+    let services =
+        grpc::services(pool.clone(), settings).require_identity(config.identity.verifier());
     serve(listener, services, &config.limits, shutdown).await?;
     pool.close().await;
     Ok(())

@@ -11,6 +11,7 @@
 
 pub mod grpcurl;
 pub mod identity;
+pub mod payments;
 pub mod postgres;
 pub mod process;
 pub mod redis;

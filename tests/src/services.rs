@@ -72,6 +72,14 @@ async fn on_signal(stopped: oneshot::Receiver<()>) {
 
 /// payment-svc on `database` (migrated on start, serving as the service role).
 pub async fn payment(database: &TestDatabase) -> anyhow::Result<RunningService> {
+    payment_with(database, |_| {}).await
+}
+
+/// payment-svc on `database`, with its configuration adjusted by `adjust`.
+pub async fn payment_with(
+    database: &TestDatabase,
+    adjust: impl FnOnce(&mut payment_svc::Config),
+) -> anyhow::Result<RunningService> {
     let mut config = payment_svc::Config::from_env(&service_kit::Env::from_pairs([
         (
             payment_svc::config::ENV_DATABASE_URL,
@@ -83,6 +91,7 @@ pub async fn payment(database: &TestDatabase) -> anyhow::Result<RunningService> 
         ),
     ]))?;
     config.database = database.payment_config();
+    adjust(&mut config);
     RunningService::start(move |listener, stopped| async move {
         payment_svc::run(listener, config, on_signal(stopped)).await?;
         Ok(())

@@ -4,6 +4,7 @@
 
 mod database;
 mod identity;
+mod ledger;
 mod limits;
 mod reflection;
 mod shutdown;

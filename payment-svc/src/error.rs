@@ -1,0 +1,147 @@
+//! payment-svc's one error type and its one mapping to a gRPC status (DESIGN §3 error
+//! model). Internal causes are logged with a request id; the caller gets only the id.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+/// Everything that can go wrong in payment-svc.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The entity does not exist, or belongs to another principal (never revealed).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A debit would take a non-negative account below zero.
+    #[error("insufficient funds in account {0}")]
+    InsufficientFunds(String),
+    /// The accounts or amounts are in different currencies.
+    #[error("currency mismatch: {0}")]
+    CurrencyMismatch(String),
+    /// The idempotency key was used before with a different request.
+    #[error("idempotency key was already used with a different request")]
+    IdempotencyKeyReused,
+    /// A request with this idempotency key is still being processed.
+    #[error("a request with this idempotency key is in progress")]
+    IdempotencyKeyInUse,
+    /// Every pooled connection is busy.
+    #[error("database busy: no connection available")]
+    PoolExhausted,
+    /// The database gave up on a lock, a statement or a transaction that a retry may get
+    /// through (lock or statement timeout, serialization failure, deadlock).
+    #[error("database busy: {message}")]
+    Contention {
+        /// The SQLSTATE.
+        sqlstate: String,
+        /// PostgreSQL's message.
+        message: String,
+    },
+    /// A database failure the caller cannot act on.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// Any other internal failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Whether the error is a business outcome that an idempotency key stores and replays
+    /// (DESIGN §4): refusals are answers, not failures.
+    pub fn is_business_outcome(&self) -> bool {
+        matches!(self, Self::InsufficientFunds(_) | Self::CurrencyMismatch(_))
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut => Self::PoolExhausted,
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|code| pg_code::TRANSIENT.contains(&code.as_ref())) =>
+            {
+                Self::Contention {
+                    sqlstate: db.code().map(|code| code.into_owned()).unwrap_or_default(),
+                    message: db.message().to_owned(),
+                }
+            }
+            other => Self::Database(other),
+        }
+    }
+}
+
+/// `FAILED_PRECONDITION` with an `ErrorInfo{reason}`.
+fn failed_precondition(reason: &str, message: String) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason,
+        "paysuite.payments",
+        std::collections::HashMap::new(),
+    );
+    Status::with_error_details(Code::FailedPrecondition, message, details)
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::NotFound(_) => Status::not_found(err.to_string()),
+            Error::InsufficientFunds(_) => {
+                failed_precondition("INSUFFICIENT_FUNDS", err.to_string())
+            }
+            Error::CurrencyMismatch(_) => failed_precondition("CURRENCY_MISMATCH", err.to_string()),
+            Error::IdempotencyKeyReused => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "paysuite.payments",
+                    std::collections::HashMap::new(),
+                );
+                Status::with_error_details(Code::InvalidArgument, err.to_string(), details)
+            }
+            Error::IdempotencyKeyInUse => {
+                let mut details = ErrorDetails::new();
+                details
+                    .set_error_info(
+                        "IDEMPOTENCY_KEY_IN_USE",
+                        "paysuite.payments",
+                        std::collections::HashMap::new(),
+                    )
+                    .set_retry_info(Some(std::time::Duration::from_millis(500)));
+                Status::with_error_details(Code::Aborted, err.to_string(), details)
+            }
+            Error::PoolExhausted | Error::Contention { .. } => Status::unavailable(err.to_string()),
+            Error::Database(_) | Error::Internal(_) => {
+                let request_id = uuid::Uuid::new_v4();
+                tracing::error!(%request_id, error = %err, "internal error");
+                Status::internal(format!("internal error (request id {request_id})"))
+            }
+        }
+    }
+}
+
+/// PostgreSQL error codes the service reacts to.
+pub mod pg_code {
+    /// A CHECK constraint refused the row (e.g. a balance below zero).
+    pub const CHECK_VIOLATION: &str = "23514";
+    /// Serialization failure: retry the transaction.
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    /// Deadlock detected: retry the transaction.
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    /// `lock_timeout` passed.
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    /// `statement_timeout` passed (or the statement was cancelled).
+    pub const QUERY_CANCELED: &str = "57014";
+    /// Failures a later attempt may get through: answered UNAVAILABLE.
+    pub const TRANSIENT: [&str; 4] = [
+        SERIALIZATION_FAILURE,
+        DEADLOCK_DETECTED,
+        LOCK_NOT_AVAILABLE,
+        QUERY_CANCELED,
+    ];
+}
+
+/// Whether the transaction should be retried inside the service (serialization failure
+/// or deadlock: PostgreSQL rolled it back and asks for a retry).
+pub fn is_retryable_conflict(err: &Error) -> bool {
+    matches!(err, Error::Contention { sqlstate, .. }
+        if sqlstate == pg_code::SERIALIZATION_FAILURE || sqlstate == pg_code::DEADLOCK_DETECTED)
+}

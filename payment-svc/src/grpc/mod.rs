@@ -1,0 +1,645 @@
+//! The gRPC edge of payment-svc: the only module that sees protobuf types.
+//!
+//! Each RPC: take the caller's identity (verified by the server before routing), parse
+//! and validate the request into domain values (every bad field reported), run the work
+//! (mutations in a task that outlives the caller, under an idempotency key), and convert
+//! the result back. RPCs whose behaviour has not landed yet answer UNIMPLEMENTED.
+
+mod convert;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use proto::payments::v1 as pb;
+use proto::payments::v1::payment_admin_service_server::{
+    PaymentAdminService, PaymentAdminServiceServer,
+};
+use proto::payments::v1::payment_service_server::{PaymentService, PaymentServiceServer};
+use serde::{Deserialize, Serialize};
+use service_kit::validation::Violations;
+use service_kit::{Identity, ServiceSet};
+use sqlx::PgPool;
+use tokio_stream::Stream;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{self, AuditEvent};
+use crate::domain::money::DEFAULT_CURRENCY;
+use crate::domain::{Currency, IdempotencyKey, Money};
+use crate::error::Error;
+use crate::idempotency::{self, Claim, REPLAYED_HEADER, Stored};
+use crate::ledger::{self, AccountKind, Movement, MovementKind, NewAccount};
+
+/// Settings of the gRPC edge.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// The largest amount a request may move, in minor units.
+    pub max_amount_minor: i64,
+}
+
+/// Every service payment-svc serves.
+pub(crate) fn services(pool: PgPool, settings: ApiSettings) -> ServiceSet {
+    let api = PaymentApi { pool, settings };
+    ServiceSet::new("payment-svc")
+        .add_service(PaymentServiceServer::new(api.clone()))
+        .add_service(PaymentAdminServiceServer::new(api))
+}
+
+/// `paysuite.payments.v1.PaymentService` and `PaymentAdminService`.
+#[derive(Debug, Clone)]
+struct PaymentApi {
+    pool: PgPool,
+    settings: ApiSettings,
+}
+
+/// The answer for RPCs whose behaviour lands with a later issue.
+fn not_yet(rpc: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is not available yet"))
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type RpcResult<T> = Result<Response<T>, Status>;
+
+const MAX_LABELS: usize = 32;
+const MAX_TEXT: usize = 500;
+
+/// The verified caller (the server refuses paysuite RPCs without one before routing).
+fn caller<T>(request: &Request<T>) -> Result<Identity, Status> {
+    request
+        .extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("missing identity token"))
+}
+
+/// The request id from `x-request-id`, or a new one.
+fn request_id<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn parse_key(violations: &mut Violations, key: &str) -> Option<IdempotencyKey> {
+    violations.check("idempotency_key", IdempotencyKey::parse(key))
+}
+
+fn parse_currency(violations: &mut Violations, field: &str, code: &str) -> Option<Currency> {
+    let code = if code.is_empty() {
+        DEFAULT_CURRENCY
+    } else {
+        code
+    };
+    violations.check(field, Currency::parse(code))
+}
+
+fn parse_amount(
+    violations: &mut Violations,
+    field: &str,
+    amount: Option<&pb::Money>,
+    maximum: i64,
+) -> Option<Money> {
+    let Some(amount) = amount else {
+        violations.add(field, "is required");
+        return None;
+    };
+    let currency = parse_currency(violations, &format!("{field}.currency"), &amount.currency);
+    let checked = currency.map(|c| Money::positive(amount.amount_minor, c, maximum));
+    violations
+        .check(&format!("{field}.amount_minor"), checked.transpose())
+        .flatten()
+}
+
+fn check_id(violations: &mut Violations, field: &str, id: &str) {
+    if id.is_empty() {
+        violations.add(field, "is required");
+    } else if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        violations.add(field, "is not a valid identifier");
+    }
+}
+
+fn check_text(violations: &mut Violations, field: &str, text: &str) {
+    if text.chars().count() > MAX_TEXT {
+        violations.add(field, format!("must be at most {MAX_TEXT} characters"));
+    }
+}
+
+fn check_labels(violations: &mut Violations, field: &str, labels: &BTreeMap<String, String>) {
+    if labels.len() > MAX_LABELS {
+        violations.add(field, format!("at most {MAX_LABELS} entries"));
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > 64 {
+            violations.add(format!("{field}[{key}]"), "keys are 1–64 characters");
+        }
+        if value.len() > 256 {
+            violations.add(
+                format!("{field}[{key}]"),
+                "values are at most 256 characters",
+            );
+        }
+    }
+}
+
+fn page_size(violations: &mut Violations, requested: i32, default: i64, maximum: i64) -> i64 {
+    match i64::from(requested) {
+        0 => default,
+        size if (1..=maximum).contains(&size) => size,
+        _ => {
+            violations.add("page_size", format!("must be between 0 and {maximum}"));
+            default
+        }
+    }
+}
+
+/// A stored answer as the RPC's response (or status), marked when replayed.
+fn answer<T: Message + Default>(outcome: idempotency::Outcome) -> RpcResult<T> {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if outcome.replayed {
+        metadata.insert(REPLAYED_HEADER, MetadataValue::from_static("true"));
+    }
+    match outcome.stored {
+        Stored::Response(bytes) => {
+            let message = T::decode(bytes.as_slice()).map_err(|err| {
+                Status::from(Error::Internal(format!(
+                    "stored response does not decode: {err}"
+                )))
+            })?;
+            let mut response = Response::new(message);
+            *response.metadata_mut() = metadata;
+            Ok(response)
+        }
+        Stored::Refusal {
+            code,
+            message,
+            details,
+        } => Err(Status::with_details_and_metadata(
+            tonic::Code::from_i32(code),
+            message,
+            details.into(),
+            metadata,
+        )),
+    }
+}
+
+impl PaymentApi {
+    /// Runs `work` under the caller's idempotency key, in a task that outlives the caller.
+    async fn idempotent<Req, Resp, F>(
+        &self,
+        method: &'static str,
+        principal: &str,
+        key: IdempotencyKey,
+        normalized: &Req,
+        work: F,
+    ) -> RpcResult<Resp>
+    where
+        Req: Message,
+        Resp: Message + Default,
+        F: for<'c> FnMut(&'c mut sqlx::PgConnection) -> idempotency::Work<'c> + Send + 'static,
+    {
+        let fingerprint = idempotency::fingerprint(&normalized.encode_to_vec());
+        let pool = self.pool.clone();
+        let owner = principal.to_owned();
+        // Spawned: a caller that disconnects or times out does not leave the work half done.
+        let task = tokio::spawn(async move {
+            let claim = Claim {
+                owner_id: &owner,
+                method,
+                key: &key,
+                fingerprint,
+            };
+            idempotency::run_atomic(&pool, &claim, work).await
+        });
+        let outcome = task
+            .await
+            .map_err(|err| Status::from(Error::Internal(format!("request task failed: {err}"))))?
+            .map_err(Status::from)?;
+        answer(outcome)
+    }
+}
+
+const CREATE_ACCOUNT: &str = "/paysuite.payments.v1.PaymentService/CreateAccount";
+const CREATE_TRANSFER: &str = "/paysuite.payments.v1.PaymentService/CreateTransfer";
+
+#[derive(Serialize, Deserialize)]
+struct AccountsPageToken {
+    owner: String,
+    /// Microseconds since the epoch: PostgreSQL's precision, so the key round-trips exactly.
+    created_at_micros: i64,
+    id: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EntriesPageToken {
+    owner: String,
+    account: String,
+    after: i64,
+}
+
+#[tonic::async_trait]
+impl PaymentService for PaymentApi {
+    type WatchBalanceStream = ResponseStream<pb::WatchBalanceResponse>;
+    type WatchPaymentEventsStream = ResponseStream<pb::WatchPaymentEventsResponse>;
+
+    async fn create_account(
+        &self,
+        request: Request<pb::CreateAccountRequest>,
+    ) -> RpcResult<pb::CreateAccountResponse> {
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        let currency = parse_currency(&mut violations, "currency", &normalized.currency);
+        let kind = match pb::AccountKind::try_from(normalized.kind) {
+            Ok(pb::AccountKind::Customer) => Some(AccountKind::Customer),
+            Ok(pb::AccountKind::Merchant) => Some(AccountKind::Merchant),
+            _ => {
+                violations.add(
+                    "kind",
+                    "must be ACCOUNT_KIND_CUSTOMER or ACCOUNT_KIND_MERCHANT",
+                );
+                None
+            }
+        };
+        check_text(&mut violations, "display_name", &normalized.display_name);
+        check_labels(&mut violations, "labels", &normalized.labels);
+        violations.into_result()?;
+        let (Some(key), Some(currency), Some(kind)) = (key, currency, kind) else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        normalized.idempotency_key.clear();
+        normalized.currency = currency.code().to_owned();
+        let new_account = NewAccount {
+            owner_id: identity.principal.clone(),
+            currency,
+            kind,
+            allow_negative: normalized.allow_negative,
+            display_name: normalized.display_name.clone(),
+            labels: normalized.labels.clone(),
+        };
+        let principal = identity.principal.clone();
+        self.idempotent(
+            CREATE_ACCOUNT,
+            &identity.principal,
+            key,
+            &normalized,
+            move |connection| {
+                let new_account = new_account.clone();
+                let principal = principal.clone();
+                let request_id = request_id.clone();
+                Box::pin(async move {
+                    let account = ledger::create_account(connection, &new_account).await?;
+                    let message = convert::account(&account);
+                    audit::record(
+                        connection,
+                        AuditEvent {
+                            owner_id: &account.owner_id,
+                            principal: &principal,
+                            action: "account.create",
+                            entity_type: "account",
+                            entity_id: &account.id,
+                            before: None,
+                            after: Some(serde_json::json!({
+                                "currency": account.currency.code(),
+                                "kind": format!("{:?}", account.kind).to_lowercase(),
+                                "allow_negative": account.allow_negative,
+                                "display_name": account.display_name,
+                            })),
+                            request_id: &request_id,
+                        },
+                    )
+                    .await?;
+                    Ok(pb::CreateAccountResponse {
+                        account: Some(message),
+                    }
+                    .encode_to_vec())
+                })
+            },
+        )
+        .await
+    }
+
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> RpcResult<pb::GetAccountResponse> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        check_id(&mut violations, "account_id", &request.account_id);
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let account =
+            ledger::get_account(&mut connection, &identity.principal, &request.account_id).await?;
+        Ok(Response::new(pb::GetAccountResponse {
+            account: Some(convert::account(&account)),
+        }))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> RpcResult<pb::ListAccountsResponse> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, request.page_size, 20, 100);
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            let decoded = convert::decode_token::<AccountsPageToken>(&request.page_token)
+                .filter(|token| token.owner == identity.principal)
+                .and_then(|token| {
+                    DateTime::<Utc>::from_timestamp_micros(token.created_at_micros)
+                        .map(|at| (at, token.id))
+                });
+            match decoded {
+                Some(after) => Some(after),
+                None => {
+                    violations.add("page_token", "is not a page token of this request");
+                    None
+                }
+            }
+        };
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let accounts = ledger::list_accounts(
+            &mut connection,
+            &identity.principal,
+            after.as_ref(),
+            limit + 1,
+        )
+        .await?;
+        let more = accounts.len() as i64 > limit;
+        let page: Vec<_> = accounts
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(0))
+            .collect();
+        let next_page_token = match page.last() {
+            Some(last) if more => convert::encode_token(&AccountsPageToken {
+                owner: identity.principal.clone(),
+                created_at_micros: last.created_at.timestamp_micros(),
+                id: last.id.clone(),
+            }),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListAccountsResponse {
+            accounts: page.iter().map(convert::account).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn create_payment(
+        &self,
+        _request: Request<pb::CreatePaymentRequest>,
+    ) -> RpcResult<pb::CreatePaymentResponse> {
+        Err(not_yet("CreatePayment"))
+    }
+
+    async fn get_payment(
+        &self,
+        _request: Request<pb::GetPaymentRequest>,
+    ) -> RpcResult<pb::GetPaymentResponse> {
+        Err(not_yet("GetPayment"))
+    }
+
+    async fn list_payments(
+        &self,
+        _request: Request<pb::ListPaymentsRequest>,
+    ) -> RpcResult<pb::ListPaymentsResponse> {
+        Err(not_yet("ListPayments"))
+    }
+
+    async fn capture_payment(
+        &self,
+        _request: Request<pb::CapturePaymentRequest>,
+    ) -> RpcResult<pb::CapturePaymentResponse> {
+        Err(not_yet("CapturePayment"))
+    }
+
+    async fn cancel_payment(
+        &self,
+        _request: Request<pb::CancelPaymentRequest>,
+    ) -> RpcResult<pb::CancelPaymentResponse> {
+        Err(not_yet("CancelPayment"))
+    }
+
+    async fn refund_payment(
+        &self,
+        _request: Request<pb::RefundPaymentRequest>,
+    ) -> RpcResult<pb::RefundPaymentResponse> {
+        Err(not_yet("RefundPayment"))
+    }
+
+    async fn create_transfer(
+        &self,
+        request: Request<pb::CreateTransferRequest>,
+    ) -> RpcResult<pb::CreateTransferResponse> {
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        check_id(
+            &mut violations,
+            "from_account_id",
+            &normalized.from_account_id,
+        );
+        check_id(&mut violations, "to_account_id", &normalized.to_account_id);
+        if !normalized.to_account_id.is_empty()
+            && normalized.to_account_id == normalized.from_account_id
+        {
+            violations.add("to_account_id", "must differ from from_account_id");
+        }
+        let amount = parse_amount(
+            &mut violations,
+            "amount",
+            normalized.amount.as_ref(),
+            self.settings.max_amount_minor,
+        );
+        check_text(&mut violations, "description", &normalized.description);
+        violations.into_result()?;
+        let (Some(key), Some(amount)) = (key, amount) else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        normalized.idempotency_key.clear();
+        normalized.amount = Some(convert::money(amount));
+        let principal = identity.principal.clone();
+        let transfer = normalized.clone();
+        self.idempotent(
+            CREATE_TRANSFER,
+            &identity.principal,
+            key,
+            &normalized,
+            move |connection| {
+                let principal = principal.clone();
+                let transfer = transfer.clone();
+                let request_id = request_id.clone();
+                Box::pin(async move {
+                    // The debited account must be the caller's; the credited one may be anyone's.
+                    ledger::get_account(connection, &principal, &transfer.from_account_id).await?;
+                    let transfer_id = ledger::new_id("tr");
+                    let posted = ledger::post(
+                        connection,
+                        &Movement {
+                            owner_id: principal.clone(),
+                            kind: MovementKind::Transfer,
+                            reference_id: transfer_id.clone(),
+                            from_account_id: transfer.from_account_id.clone(),
+                            to_account_id: transfer.to_account_id.clone(),
+                            amount,
+                            description: transfer.description.clone(),
+                        },
+                    )
+                    .await?;
+                    audit::record(
+                        connection,
+                        AuditEvent {
+                            owner_id: &principal,
+                            principal: &principal,
+                            action: "transfer.create",
+                            entity_type: "transfer",
+                            entity_id: &transfer_id,
+                            before: None,
+                            after: Some(serde_json::json!({
+                                "from_account_id": transfer.from_account_id,
+                                "to_account_id": transfer.to_account_id,
+                                "amount_minor": amount.amount_minor(),
+                                "currency": amount.currency().code(),
+                                "movement_id": posted.movement_id,
+                            })),
+                            request_id: &request_id,
+                        },
+                    )
+                    .await?;
+                    Ok(pb::CreateTransferResponse {
+                        transfer: Some(pb::Transfer {
+                            id: transfer_id,
+                            from_account_id: transfer.from_account_id,
+                            to_account_id: transfer.to_account_id,
+                            amount: Some(convert::money(amount)),
+                            description: transfer.description,
+                            create_time: Some(convert::timestamp(posted.created_at)),
+                        }),
+                    }
+                    .encode_to_vec())
+                })
+            },
+        )
+        .await
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> RpcResult<pb::GetBalanceResponse> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        check_id(&mut violations, "account_id", &request.account_id);
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let balance =
+            ledger::balance(&mut connection, &identity.principal, &request.account_id).await?;
+        Ok(Response::new(pb::GetBalanceResponse {
+            balance: Some(convert::balance(&request.account_id, balance)),
+        }))
+    }
+
+    async fn list_ledger_entries(
+        &self,
+        request: Request<pb::ListLedgerEntriesRequest>,
+    ) -> RpcResult<pb::ListLedgerEntriesResponse> {
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        check_id(&mut violations, "account_id", &request.account_id);
+        let limit = page_size(&mut violations, request.page_size, 100, 500);
+        let after = if request.page_token.is_empty() {
+            0
+        } else {
+            match convert::decode_token::<EntriesPageToken>(&request.page_token) {
+                Some(token)
+                    if token.owner == identity.principal && token.account == request.account_id =>
+                {
+                    token.after
+                }
+                _ => {
+                    violations.add("page_token", "is not a page token of this request");
+                    0
+                }
+            }
+        };
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let entries = ledger::list_entries(
+            &mut connection,
+            &identity.principal,
+            &request.account_id,
+            after,
+            limit + 1,
+        )
+        .await?;
+        let more = entries.len() as i64 > limit;
+        let page: Vec<_> = entries
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(0))
+            .collect();
+        let next_page_token = match page.last() {
+            Some(last) if more => convert::encode_token(&EntriesPageToken {
+                owner: identity.principal.clone(),
+                account: request.account_id.clone(),
+                after: last.position,
+            }),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListLedgerEntriesResponse {
+            entries: page.iter().map(convert::entry).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn watch_balance(
+        &self,
+        _request: Request<pb::WatchBalanceRequest>,
+    ) -> RpcResult<Self::WatchBalanceStream> {
+        Err(not_yet("WatchBalance"))
+    }
+
+    async fn watch_payment_events(
+        &self,
+        _request: Request<pb::WatchPaymentEventsRequest>,
+    ) -> RpcResult<Self::WatchPaymentEventsStream> {
+        Err(not_yet("WatchPaymentEvents"))
+    }
+}
+
+#[tonic::async_trait]
+impl PaymentAdminService for PaymentApi {
+    async fn get_audit_trail(
+        &self,
+        _request: Request<pb::GetAuditTrailRequest>,
+    ) -> RpcResult<pb::GetAuditTrailResponse> {
+        Err(not_yet("GetAuditTrail"))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> RpcResult<pb::ListJobsResponse> {
+        Err(not_yet("ListJobs"))
+    }
+
+    async fn retry_job(
+        &self,
+        _request: Request<pb::RetryJobRequest>,
+    ) -> RpcResult<pb::RetryJobResponse> {
+        Err(not_yet("RetryJob"))
+    }
+}

@@ -1,0 +1,214 @@
+//! Idempotency keys (DESIGN §4; Stripe's semantics on Brandur Leach's PostgreSQL design).
+//!
+//! Scope: (principal, RPC method, key). The fingerprint is SHA-256 of the request after
+//! defaults are applied, with the key cleared. A key is claimed atomically with
+//! `INSERT … ON CONFLICT DO NOTHING` — never select-then-insert.
+//!
+//! [`run_atomic`] is for operations made of database work only: claim, work, and the
+//! stored response commit in ONE transaction, so there is no recovery point in between.
+//! A concurrent request with the same key waits on the claim's row lock until the first
+//! commits, then replays its answer. Multi-phase operations (those calling the acquirer)
+//! use recovery points and leases instead (payments).
+//!
+//! Stored and replayed: successes and business outcomes (refusals). Not stored (the key
+//! is released by rolling back): NOT_FOUND and every transient or internal failure, so a
+//! retry runs afresh.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use sha2::{Digest, Sha256};
+use sqlx::{Acquire as _, PgConnection, PgPool, Row};
+use tonic::Code;
+
+use crate::domain::IdempotencyKey;
+use crate::error::{Error, is_retryable_conflict};
+
+/// Response metadata marking a replayed answer.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// How many times a transaction is retried on serialization failures and deadlocks.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// The request's identity for idempotency purposes.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    /// The principal.
+    pub owner_id: &'a str,
+    /// The RPC's full path.
+    pub method: &'a str,
+    /// The client's key.
+    pub key: &'a IdempotencyKey,
+    /// SHA-256 of the normalized request without its key.
+    pub fingerprint: [u8; 32],
+}
+
+/// SHA-256 of an encoded request.
+pub fn fingerprint(encoded_request: &[u8]) -> [u8; 32] {
+    Sha256::digest(encoded_request).into()
+}
+
+/// A stored answer: the encoded response, or a stored refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// The encoded response message.
+    Response(Vec<u8>),
+    /// A business refusal: code, message and encoded error details.
+    Refusal {
+        /// gRPC status code.
+        code: i32,
+        /// Status message.
+        message: String,
+        /// `grpc-status-details-bin`.
+        details: Vec<u8>,
+    },
+}
+
+/// The outcome of an idempotent call.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The answer.
+    pub stored: Stored,
+    /// Whether it was replayed from an earlier call.
+    pub replayed: bool,
+}
+
+/// Boxed work run inside the claim's transaction.
+pub type Work<'c> = Pin<Box<dyn Future<Output = Result<Vec<u8>, Error>> + Send + 'c>>;
+
+/// Runs `work` at most once per claim, in the claim's transaction; replays otherwise.
+/// `work` gets the transaction's connection and returns the encoded response.
+pub async fn run_atomic<F>(pool: &PgPool, claim: &Claim<'_>, mut work: F) -> Result<Outcome, Error>
+where
+    F: for<'c> FnMut(&'c mut PgConnection) -> Work<'c>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_atomic(pool, claim, &mut work).await {
+            Err(err) if attempt < MAX_ATTEMPTS && is_retryable_conflict(&err) => {
+                tracing::debug!(attempt, error = %err, "retrying transaction");
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn try_atomic<F>(pool: &PgPool, claim: &Claim<'_>, work: &mut F) -> Result<Outcome, Error>
+where
+    F: for<'c> FnMut(&'c mut PgConnection) -> Work<'c>,
+{
+    let mut transaction = pool.begin().await?;
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (owner_id, method, key, fingerprint) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .bind(claim.fingerprint.as_slice())
+    .execute(&mut *transaction)
+    .await?
+    .rows_affected()
+        == 1;
+    if !claimed {
+        let existing = load(&mut transaction, claim).await?;
+        transaction.rollback().await?;
+        return existing;
+    }
+
+    // The work runs in a savepoint: a business refusal undoes the work but keeps the
+    // claim, which then stores the refusal.
+    let mut savepoint = transaction.begin().await?;
+    let result = work(&mut savepoint).await;
+    let stored = match result {
+        Ok(response) => {
+            savepoint.commit().await?;
+            Stored::Response(response)
+        }
+        Err(err) if err.is_business_outcome() => {
+            savepoint.rollback().await?;
+            let status = tonic::Status::from(err);
+            Stored::Refusal {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                details: status.details().to_vec(),
+            }
+        }
+        Err(err) => {
+            // Not stored: dropping the transaction rolls back the claim too.
+            return Err(err);
+        }
+    };
+    let (code, body, details): (i32, &[u8], Option<&[u8]>) = match &stored {
+        Stored::Response(body) => (Code::Ok as i32, body, None),
+        Stored::Refusal {
+            code,
+            message,
+            details,
+        } => (*code, message.as_bytes(), Some(details)),
+    };
+    sqlx::query(
+        "UPDATE idempotency_keys SET recovery_point = 'finished', response_code = $4, response_body = $5, \
+         response_details = $6, updated_at = now() WHERE owner_id = $1 AND method = $2 AND key = $3",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .bind(code)
+    .bind(body)
+    .bind(details)
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    Ok(Outcome {
+        stored,
+        replayed: false,
+    })
+}
+
+/// Answers a request whose key was already claimed.
+async fn load(
+    connection: &mut PgConnection,
+    claim: &Claim<'_>,
+) -> Result<Result<Outcome, Error>, Error> {
+    let row = sqlx::query(
+        "SELECT fingerprint, recovery_point, response_code, response_body, response_details \
+         FROM idempotency_keys WHERE owner_id = $1 AND method = $2 AND key = $3",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .fetch_optional(&mut *connection)
+    .await?;
+    let Some(row) = row else {
+        // Claimed and released (rolled back) between our insert and this read: the
+        // caller retries, like any transient conflict.
+        return Ok(Err(Error::IdempotencyKeyInUse));
+    };
+    let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+    if fingerprint != claim.fingerprint {
+        return Ok(Err(Error::IdempotencyKeyReused));
+    }
+    let recovery_point: String = row.try_get("recovery_point")?;
+    if recovery_point != "finished" {
+        return Ok(Err(Error::IdempotencyKeyInUse));
+    }
+    let code: i32 = row.try_get("response_code")?;
+    let body: Vec<u8> = row.try_get("response_body")?;
+    let stored = if code == Code::Ok as i32 {
+        Stored::Response(body)
+    } else {
+        Stored::Refusal {
+            code,
+            message: String::from_utf8_lossy(&body).into_owned(),
+            details: row
+                .try_get::<Option<Vec<u8>>, _>("response_details")?
+                .unwrap_or_default(),
+        }
+    };
+    Ok(Ok(Outcome {
+        stored,
+        replayed: true,
+    }))
+}
