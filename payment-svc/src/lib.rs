@@ -13,6 +13,7 @@
 //! [`run`] is the whole service behind a listener; `main` only reads config, sets up
 //! telemetry and binds.
 
+pub mod acquirer;
 pub mod audit;
 pub mod config;
 pub mod db;

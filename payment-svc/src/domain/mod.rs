@@ -2,6 +2,7 @@
 //! requests into these (reporting every invalid field), and business code works only
 //! with them.
 
+pub mod card;
 pub mod idempotency;
 pub mod money;
 
