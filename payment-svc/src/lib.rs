@@ -22,6 +22,7 @@ pub mod error;
 mod grpc;
 pub mod idempotency;
 pub mod ledger;
+pub mod vault;
 
 use std::future::Future;
 
