@@ -27,6 +27,36 @@ pub const ENV_DATABASE_LOCK_TIMEOUT: &str = "DATABASE_LOCK_TIMEOUT";
 /// `DATABASE_IDLE_IN_TRANSACTION_TIMEOUT`: PostgreSQL `idle_in_transaction_session_timeout`.
 pub const ENV_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT: &str = "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT";
 
+/// `ACQUIRER_TIMEOUT`: bound on each acquirer call (beyond it the outcome is unknown).
+pub const ENV_ACQUIRER_TIMEOUT: &str = "ACQUIRER_TIMEOUT";
+/// `IDEMPOTENCY_LEASE`: how long a request holds its idempotency key between phases.
+pub const ENV_IDEMPOTENCY_LEASE: &str = "IDEMPOTENCY_LEASE";
+/// `SANDBOX_SLOW_ANSWER`: how long the sandbox's slow test card takes to answer.
+pub const ENV_SANDBOX_SLOW_ANSWER: &str = "SANDBOX_SLOW_ANSWER";
+
+/// The card vault's key material, as configured (secrets).
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    /// `CARD_ENCRYPTION_KEYS`.
+    pub encryption_keys: SecretString,
+    /// `CARD_ENCRYPTION_ACTIVE_KEY`.
+    pub active_key: Option<String>,
+    /// `CARD_FINGERPRINT_KEY`.
+    pub fingerprint_key: SecretString,
+}
+
+impl VaultConfig {
+    /// The vault these keys describe.
+    pub fn vault(&self) -> Result<crate::vault::Vault, crate::vault::VaultError> {
+        use secrecy::ExposeSecret as _;
+        crate::vault::Vault::from_config(
+            self.encryption_keys.expose_secret(),
+            self.active_key.as_deref(),
+            self.fingerprint_key.expose_secret(),
+        )
+    }
+}
+
 /// `PAYMENT_MAX_AMOUNT_MINOR`: the largest amount one request may move, in minor units.
 pub const ENV_MAX_AMOUNT_MINOR: &str = "PAYMENT_MAX_AMOUNT_MINOR";
 /// Default of `PAYMENT_MAX_AMOUNT_MINOR`: 1,000,000,000 minor units (10 million BRL).
@@ -46,6 +76,14 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The largest amount a request may move, in minor units.
     pub max_amount_minor: i64,
+    /// The card vault's keys.
+    pub vault: VaultConfig,
+    /// Bound on each acquirer call; beyond it the outcome is unknown.
+    pub acquirer_timeout: Duration,
+    /// How long a request holds its idempotency key between phases.
+    pub idempotency_lease: Duration,
+    /// How long the in-process sandbox's slow test card takes to answer.
+    pub sandbox_slow_answer: Duration,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -86,6 +124,15 @@ impl Config {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             database: DatabaseConfig::from_env(env)?,
             identity: IdentityConfig::from_env(env, AUDIENCE)?,
+            vault: VaultConfig {
+                encryption_keys: env.required_secret(crate::vault::ENV_ENCRYPTION_KEYS)?,
+                active_key: env.raw(crate::vault::ENV_ACTIVE_KEY).map(str::to_owned),
+                fingerprint_key: env.required_secret(crate::vault::ENV_FINGERPRINT_KEY)?,
+            },
+            acquirer_timeout: env.duration_or(ENV_ACQUIRER_TIMEOUT, Duration::from_secs(5))?,
+            idempotency_lease: env.duration_or(ENV_IDEMPOTENCY_LEASE, Duration::from_secs(30))?,
+            sandbox_slow_answer: env
+                .duration_or(ENV_SANDBOX_SLOW_ANSWER, Duration::from_secs(30))?,
             max_amount_minor: {
                 let max: i64 = env.parse_or(ENV_MAX_AMOUNT_MINOR, DEFAULT_MAX_AMOUNT_MINOR)?;
                 if max <= 0 {

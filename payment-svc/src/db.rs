@@ -29,6 +29,10 @@ pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[
     // Deltas are folded into `accounts.balance` and deleted.
     ("balance_deltas", "SELECT, INSERT, DELETE"),
     ("idempotency_keys", "SELECT, INSERT, UPDATE, DELETE"),
+    // Rows are re-encrypted in place by `rotate-card-keys`; never deleted.
+    ("cards", "SELECT, INSERT, UPDATE"),
+    ("payments", "SELECT, INSERT, UPDATE"),
+    ("attempts", "SELECT, INSERT, UPDATE"),
 ];
 
 /// A database failure at start-up or in a migration.

@@ -16,6 +16,14 @@ pub enum Error {
     /// The accounts or amounts are in different currencies.
     #[error("currency mismatch: {0}")]
     CurrencyMismatch(String),
+    /// Any other business refusal: an illegal state transition, a wrong kind of account.
+    #[error("{message}")]
+    Precondition {
+        /// The `ErrorInfo.reason`, e.g. `ILLEGAL_TRANSITION`.
+        reason: &'static str,
+        /// What is wrong.
+        message: String,
+    },
     /// The idempotency key was used before with a different request.
     #[error("idempotency key was already used with a different request")]
     IdempotencyKeyReused,
@@ -46,7 +54,10 @@ impl Error {
     /// Whether the error is a business outcome that an idempotency key stores and replays
     /// (DESIGN §4): refusals are answers, not failures.
     pub fn is_business_outcome(&self) -> bool {
-        matches!(self, Self::InsufficientFunds(_) | Self::CurrencyMismatch(_))
+        matches!(
+            self,
+            Self::InsufficientFunds(_) | Self::CurrencyMismatch(_) | Self::Precondition { .. }
+        )
     }
 }
 
@@ -88,6 +99,7 @@ impl From<Error> for Status {
                 failed_precondition("INSUFFICIENT_FUNDS", err.to_string())
             }
             Error::CurrencyMismatch(_) => failed_precondition("CURRENCY_MISMATCH", err.to_string()),
+            Error::Precondition { reason, message } => failed_precondition(reason, message),
             Error::IdempotencyKeyReused => {
                 let mut details = ErrorDetails::new();
                 details.set_error_info(

@@ -212,3 +212,175 @@ async fn load(
         replayed: true,
     }))
 }
+
+/// Where a leased (multi-phase) request starts.
+#[derive(Debug)]
+pub enum Claimed {
+    /// The key is new: start from the beginning.
+    New,
+    /// An earlier request stopped at `recovery_point` (its lease expired): resume there.
+    Resume {
+        /// The last completed phase.
+        recovery_point: String,
+        /// The payment that request created, if it got that far.
+        payment_id: Option<String>,
+    },
+    /// The request finished before: replay its answer.
+    Done(Outcome),
+}
+
+/// Claims `claim` for a multi-phase request, holding it for `lease`. A key whose lease
+/// expired (its request died between phases) is taken over and resumed; a key whose lease
+/// holds is IN_USE.
+pub async fn claim_leased(
+    pool: &PgPool,
+    claim: &Claim<'_>,
+    lease: std::time::Duration,
+) -> Result<Claimed, Error> {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let mut transaction = pool.begin().await?;
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (owner_id, method, key, fingerprint, locked_until) \
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::double precision / 1000)) ON CONFLICT DO NOTHING",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .bind(claim.fingerprint.as_slice())
+    .bind(lease_ms)
+    .execute(&mut *transaction)
+    .await?
+    .rows_affected()
+        == 1;
+    if claimed {
+        transaction.commit().await?;
+        return Ok(Claimed::New);
+    }
+    let row = sqlx::query(
+        "SELECT fingerprint, recovery_point, payment_id, coalesce(locked_until > now(), false) AS locked \
+         FROM idempotency_keys WHERE owner_id = $1 AND method = $2 AND key = $3 FOR UPDATE",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .fetch_one(&mut *transaction)
+    .await?;
+    let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+    if fingerprint != claim.fingerprint {
+        return Err(Error::IdempotencyKeyReused);
+    }
+    let recovery_point: String = row.try_get("recovery_point")?;
+    if recovery_point == "finished" {
+        let outcome = load(&mut transaction, claim).await??;
+        transaction.rollback().await?;
+        return Ok(Claimed::Done(outcome));
+    }
+    if row.try_get::<bool, _>("locked")? {
+        return Err(Error::IdempotencyKeyInUse);
+    }
+    sqlx::query(
+        "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $4::double precision / 1000), \
+         updated_at = now() WHERE owner_id = $1 AND method = $2 AND key = $3",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .bind(lease_ms)
+    .execute(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    Ok(Claimed::Resume {
+        recovery_point,
+        payment_id: row.try_get("payment_id")?,
+    })
+}
+
+/// Records a completed phase, in that phase's transaction.
+pub async fn advance(
+    connection: &mut PgConnection,
+    claim: &Claim<'_>,
+    recovery_point: &str,
+    payment_id: Option<&str>,
+) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET recovery_point = $4, payment_id = coalesce($5, payment_id), updated_at = now() \
+         WHERE owner_id = $1 AND method = $2 AND key = $3",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .bind(recovery_point)
+    .bind(payment_id)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Stores the final answer, in the last phase's transaction.
+pub async fn finish(
+    connection: &mut PgConnection,
+    claim: &Claim<'_>,
+    stored: &Stored,
+) -> Result<(), Error> {
+    let (code, body, details): (i32, &[u8], Option<&[u8]>) = match stored {
+        Stored::Response(body) => (Code::Ok as i32, body, None),
+        Stored::Refusal {
+            code,
+            message,
+            details,
+        } => (*code, message.as_bytes(), Some(details)),
+    };
+    sqlx::query(
+        "UPDATE idempotency_keys SET recovery_point = 'finished', response_code = $4, response_body = $5, \
+         response_details = $6, locked_until = NULL, updated_at = now() \
+         WHERE owner_id = $1 AND method = $2 AND key = $3",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .bind(code)
+    .bind(body)
+    .bind(details)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// After a transient failure: keep the recovery point, drop the lease, so a retry
+/// resumes at once.
+pub async fn unlock(pool: &PgPool, claim: &Claim<'_>) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET locked_until = NULL, updated_at = now() \
+         WHERE owner_id = $1 AND method = $2 AND key = $3 AND recovery_point <> 'finished'",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Forgets a key whose request created nothing (e.g. NOT_FOUND): not stored.
+pub async fn release(pool: &PgPool, claim: &Claim<'_>) -> Result<(), Error> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE owner_id = $1 AND method = $2 AND key = $3 \
+         AND recovery_point = 'started'",
+    )
+    .bind(claim.owner_id)
+    .bind(claim.method)
+    .bind(claim.key.as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The stored form of a business refusal.
+pub fn refusal(err: Error) -> Stored {
+    let status = tonic::Status::from(err);
+    Stored::Refusal {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: status.details().to_vec(),
+    }
+}

@@ -19,12 +19,15 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod failpoint;
 mod grpc;
 pub mod idempotency;
 pub mod ledger;
+pub mod payments;
 pub mod vault;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use service_kit::serve;
 use tokio::net::TcpListener;
@@ -40,20 +43,48 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] service_kit::ServeError),
+    /// The card vault's keys are unusable.
+    #[error("card vault: {0}")]
+    Vault(#[from] vault::VaultError),
 }
 
 /// Connects to PostgreSQL (migrating first when configured), then serves gRPC on
-/// `listener` until `shutdown` completes.
+/// `listener` until `shutdown` completes, with the in-process sandbox acquirer.
 pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), RunError>
 where
     F: Future<Output = ()> + Send,
 {
+    let sandbox = acquirer::sandbox::Sandbox::new(acquirer::sandbox::SandboxSettings {
+        slow_answer: config.sandbox_slow_answer,
+        ..acquirer::sandbox::SandboxSettings::default()
+    });
+    run_with_acquirer(listener, config, Arc::new(sandbox), shutdown).await
+}
+
+/// [`run`] with a given acquirer connector (tests observe a sandbox through it).
+pub async fn run_with_acquirer<F>(
+    listener: TcpListener,
+    config: Config,
+    acquirer: Arc<dyn acquirer::Acquirer>,
+    shutdown: F,
+) -> Result<(), RunError>
+where
+    F: Future<Output = ()> + Send,
+{
+    let vault = Arc::new(config.vault.vault()?);
     if config.database.migrate_on_start {
         db::migrate(&config.database).await?;
     }
     let pool = db::connect(&config.database).await?;
     let settings = grpc::ApiSettings {
         max_amount_minor: config.max_amount_minor,
+        payments: payments::Payments {
+            pool: pool.clone(),
+            acquirer,
+            vault,
+            acquirer_timeout: config.acquirer_timeout,
+            lease: config.idempotency_lease,
+        },
     };
     let services =
         grpc::services(pool.clone(), settings).require_identity(config.identity.verifier());

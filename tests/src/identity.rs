@@ -36,3 +36,30 @@ pub fn token(principal: &str, scopes: &[&str], audience: &str) -> String {
     let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
     KEY.mint(principal, &scopes, audience, Duration::from_secs(60))
 }
+
+/// Card vault keys for every payment-svc the harness starts: `(CARD_ENCRYPTION_KEYS,
+/// CARD_FINGERPRINT_KEY)`.
+pub fn vault_env() -> (String, String) {
+    static KEYS: LazyLock<(String, String)> = LazyLock::new(|| {
+        let encryption = payment_svc::vault::Vault::generate_key_text("test")
+            .unwrap_or_else(|err| panic!("cannot generate a card key: {err}"));
+        let fingerprint = payment_svc::vault::Vault::generate_key_text("fp")
+            .unwrap_or_else(|err| panic!("cannot generate a fingerprint key: {err}"));
+        let fingerprint = fingerprint
+            .split_once(':')
+            .map(|(_, key)| key.to_owned())
+            .unwrap_or_default();
+        (encryption, fingerprint)
+    });
+    KEYS.clone()
+}
+
+/// Every variable a spawned service needs to trust the harness's keys.
+pub fn service_env() -> Vec<(&'static str, String)> {
+    let (encryption, fingerprint) = vault_env();
+    vec![
+        ("IDENTITY_PUBLIC_KEYS", public_keys_env()),
+        ("CARD_ENCRYPTION_KEYS", encryption),
+        ("CARD_FINGERPRINT_KEY", fingerprint),
+    ]
+}

@@ -80,20 +80,27 @@ pub async fn payment_with(
     database: &TestDatabase,
     adjust: impl FnOnce(&mut payment_svc::Config),
 ) -> anyhow::Result<RunningService> {
-    let mut config = payment_svc::Config::from_env(&service_kit::Env::from_pairs([
-        (
-            payment_svc::config::ENV_DATABASE_URL,
-            database.service_url(),
-        ),
-        (
-            service_kit::identity::ENV_PUBLIC_KEYS,
-            crate::identity::public_keys_env(),
-        ),
-    ]))?;
+    let sandbox = payment_svc::acquirer::sandbox::Sandbox::new(Default::default());
+    payment_with_acquirer(database, adjust, std::sync::Arc::new(sandbox)).await
+}
+
+/// payment-svc on `database` using `acquirer` (tests keep a handle on a sandbox to count
+/// its charges).
+pub async fn payment_with_acquirer(
+    database: &TestDatabase,
+    adjust: impl FnOnce(&mut payment_svc::Config),
+    acquirer: std::sync::Arc<dyn payment_svc::acquirer::Acquirer>,
+) -> anyhow::Result<RunningService> {
+    let mut pairs = crate::identity::service_env();
+    pairs.push((
+        payment_svc::config::ENV_DATABASE_URL,
+        database.service_url(),
+    ));
+    let mut config = payment_svc::Config::from_env(&service_kit::Env::from_pairs(pairs))?;
     config.database = database.payment_config();
     adjust(&mut config);
     RunningService::start(move |listener, stopped| async move {
-        payment_svc::run(listener, config, on_signal(stopped)).await?;
+        payment_svc::run_with_acquirer(listener, config, acquirer, on_signal(stopped)).await?;
         Ok(())
     })
     .await

@@ -62,3 +62,28 @@ pub fn print_token(principal: &str, scopes: &str, audience: &str, ttl: &str) -> 
     println!("{token}");
     Ok(())
 }
+
+/// The development card-vault keys `(CARD_ENCRYPTION_KEYS, CARD_FINGERPRINT_KEY)`,
+/// generated once into `.paysuite/dev-card-keys` (a database kept across runs stays
+/// readable).
+pub fn dev_card_keys() -> anyhow::Result<(String, String)> {
+    use base64::Engine as _;
+    let path = workspace_root().join(".paysuite/dev-card-keys");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Some((encryption, fingerprint)) = text.trim().split_once('\n')
+    {
+        return Ok((encryption.trim().to_owned(), fingerprint.trim().to_owned()));
+    }
+    let key = || -> anyhow::Result<String> {
+        let mut bytes = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    };
+    let encryption = format!("dev:{}", key()?);
+    let fingerprint = key()?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    write_private(&path, &format!("{encryption}\n{fingerprint}\n"))?;
+    Ok((encryption, fingerprint))
+}

@@ -52,6 +52,7 @@ pub fn run(interrupted: &AtomicBool) -> anyhow::Result<()> {
     let owner_url = postgres.url_for("paysuite_owner", &owner_password, "paysuite");
 
     let identity_keys = crate::identity::dev_key()?.public_key().to_string();
+    let (card_keys, card_fingerprint_key) = crate::identity::dev_card_keys()?;
     let bin_dir = target_dir().join("debug");
     let mut services = vec![
         Service::start(
@@ -63,6 +64,8 @@ pub fn run(interrupted: &AtomicBool) -> anyhow::Result<()> {
                 ("DATABASE_URL", &service_url),
                 ("DATABASE_MIGRATION_URL", &owner_url),
                 ("IDENTITY_PUBLIC_KEYS", &identity_keys),
+                ("CARD_ENCRYPTION_KEYS", &card_keys),
+                ("CARD_FINGERPRINT_KEY", &card_fingerprint_key),
             ],
         )?,
         Service::start(

@@ -8,6 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::domain::Money;
 use crate::ledger::{Account, AccountKind, Balance, Entry, MovementKind};
+use crate::payments::{CaptureMethod, Payment, PaymentStatus};
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -76,4 +77,43 @@ pub(crate) fn encode_token(token: &impl Serialize) -> String {
 pub(crate) fn decode_token<T: DeserializeOwned>(token: &str) -> Option<T> {
     let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+pub(crate) fn payment_status(status: PaymentStatus) -> pb::PaymentStatus {
+    match status {
+        PaymentStatus::Pending => pb::PaymentStatus::Pending,
+        PaymentStatus::Processing => pb::PaymentStatus::Processing,
+        PaymentStatus::RequiresCapture => pb::PaymentStatus::RequiresCapture,
+        PaymentStatus::Succeeded => pb::PaymentStatus::Succeeded,
+        PaymentStatus::Failed => pb::PaymentStatus::Failed,
+        PaymentStatus::Canceled => pb::PaymentStatus::Canceled,
+    }
+}
+
+pub(crate) fn payment(payment: &Payment) -> pb::Payment {
+    pb::Payment {
+        id: payment.id.clone(),
+        merchant_account_id: payment.merchant_account_id.clone(),
+        amount: Some(money(payment.amount)),
+        amount_captured: Some(money(payment.amount_captured)),
+        amount_refunded: Some(money(payment.amount_refunded)),
+        status: payment_status(payment.status) as i32,
+        capture_method: match payment.capture_method {
+            CaptureMethod::Automatic => pb::CaptureMethod::Automatic,
+            CaptureMethod::Manual => pb::CaptureMethod::Manual,
+        } as i32,
+        mode: pb::PaymentMode::Sync as i32,
+        card: Some(pb::CardSummary {
+            brand: payment.card_brand.clone(),
+            last4: payment.card_last4.clone(),
+            exp_month: i32::from(payment.card_exp_month),
+            exp_year: i32::from(payment.card_exp_year),
+        }),
+        failure_code: payment.failure_code.clone(),
+        failure_message: payment.failure_message.clone(),
+        description: payment.description.clone(),
+        metadata: payment.metadata.clone(),
+        create_time: Some(timestamp(payment.created_at)),
+        update_time: Some(timestamp(payment.updated_at)),
+    }
 }

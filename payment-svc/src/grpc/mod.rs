@@ -9,6 +9,7 @@ mod convert;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -26,17 +27,21 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, AuditEvent};
+use crate::domain::card::{CardDetails, Cvc, Pan, check_expiry};
 use crate::domain::money::DEFAULT_CURRENCY;
 use crate::domain::{Currency, IdempotencyKey, Money};
 use crate::error::Error;
 use crate::idempotency::{self, Claim, REPLAYED_HEADER, Stored};
 use crate::ledger::{self, AccountKind, Movement, MovementKind, NewAccount};
+use crate::payments::{self, CaptureMethod, NewPayment, PaymentStatus};
 
 /// Settings of the gRPC edge.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     /// The largest amount a request may move, in minor units.
     pub max_amount_minor: i64,
+    /// The payment flow.
+    pub payments: payments::Payments,
 }
 
 /// Every service payment-svc serves.
@@ -225,6 +230,59 @@ impl PaymentApi {
 
 const CREATE_ACCOUNT: &str = "/paysuite.payments.v1.PaymentService/CreateAccount";
 const CREATE_TRANSFER: &str = "/paysuite.payments.v1.PaymentService/CreateTransfer";
+const CREATE_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CreatePayment";
+
+#[derive(Serialize, Deserialize)]
+struct PaymentsPageToken {
+    owner: String,
+    status: i32,
+    created_at_micros: i64,
+    id: String,
+}
+
+fn parse_card(violations: &mut Violations, card: Option<&pb::CardInput>) -> Option<CardDetails> {
+    let Some(card) = card else {
+        violations.add("card", "is required");
+        return None;
+    };
+    let pan = violations.check("card.number", Pan::parse(&card.number));
+    let today = Utc::now();
+    let expiry = violations.check(
+        "card.exp_month",
+        check_expiry(
+            card.exp_month,
+            card.exp_year,
+            (
+                chrono::Datelike::year(&today),
+                chrono::Datelike::month(&today),
+            ),
+        ),
+    );
+    let cvc = if card.cvc.is_empty() {
+        None
+    } else {
+        violations.check("card.cvc", Cvc::parse(&card.cvc))
+    };
+    let (pan, (exp_month, exp_year)) = (pan?, expiry?);
+    Some(CardDetails {
+        pan,
+        exp_month,
+        exp_year,
+        cvc,
+    })
+}
+
+fn payment_status_filter(status: i32) -> Result<Option<PaymentStatus>, ()> {
+    Ok(match pb::PaymentStatus::try_from(status).map_err(|_| ())? {
+        pb::PaymentStatus::Unspecified => None,
+        pb::PaymentStatus::Pending => Some(PaymentStatus::Pending),
+        pb::PaymentStatus::Processing => Some(PaymentStatus::Processing),
+        pb::PaymentStatus::RequiresCapture => Some(PaymentStatus::RequiresCapture),
+        pb::PaymentStatus::Succeeded => Some(PaymentStatus::Succeeded),
+        pb::PaymentStatus::Failed => Some(PaymentStatus::Failed),
+        pb::PaymentStatus::Canceled => Some(PaymentStatus::Canceled),
+    })
+}
 
 #[derive(Serialize, Deserialize)]
 struct AccountsPageToken {
@@ -397,23 +455,170 @@ impl PaymentService for PaymentApi {
 
     async fn create_payment(
         &self,
-        _request: Request<pb::CreatePaymentRequest>,
+        request: Request<pb::CreatePaymentRequest>,
     ) -> RpcResult<pb::CreatePaymentResponse> {
-        Err(not_yet("CreatePayment"))
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        check_id(
+            &mut violations,
+            "merchant_account_id",
+            &normalized.merchant_account_id,
+        );
+        let amount = parse_amount(
+            &mut violations,
+            "amount",
+            normalized.amount.as_ref(),
+            self.settings.max_amount_minor,
+        );
+        let card = parse_card(&mut violations, normalized.card.as_ref());
+        let capture_method = match pb::CaptureMethod::try_from(normalized.capture_method) {
+            Ok(pb::CaptureMethod::Unspecified | pb::CaptureMethod::Automatic) => {
+                Some(CaptureMethod::Automatic)
+            }
+            Ok(pb::CaptureMethod::Manual) => Some(CaptureMethod::Manual),
+            Err(_) => {
+                violations.add("capture_method", "is not a capture method");
+                None
+            }
+        };
+        match pb::PaymentMode::try_from(normalized.mode) {
+            Ok(pb::PaymentMode::Unspecified | pb::PaymentMode::Sync) => {}
+            Ok(pb::PaymentMode::Async) => return Err(not_yet("CreatePayment in ASYNC mode")),
+            Err(_) => violations.add("mode", "is not a payment mode"),
+        }
+        check_text(&mut violations, "description", &normalized.description);
+        check_labels(&mut violations, "metadata", &normalized.metadata);
+        violations.into_result()?;
+        let (Some(key), Some(amount), Some(card), Some(capture_method)) =
+            (key, amount, card, capture_method)
+        else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        // The fingerprint covers the request with defaults applied, without its key, and
+        // without the CVC (which is never stored anywhere).
+        normalized.idempotency_key.clear();
+        normalized.amount = Some(convert::money(amount));
+        normalized.capture_method = match capture_method {
+            CaptureMethod::Automatic => pb::CaptureMethod::Automatic,
+            CaptureMethod::Manual => pb::CaptureMethod::Manual,
+        } as i32;
+        normalized.mode = pb::PaymentMode::Sync as i32;
+        if let Some(card) = normalized.card.as_mut() {
+            card.cvc.clear();
+        }
+        let fingerprint = idempotency::fingerprint(&normalized.encode_to_vec());
+        let new_payment = NewPayment {
+            owner_id: identity.principal.clone(),
+            merchant_account_id: normalized.merchant_account_id.clone(),
+            amount,
+            card,
+            capture_method,
+            description: normalized.description.clone(),
+            metadata: normalized.metadata.clone(),
+            request_id,
+        };
+        let flow = self.settings.payments.clone();
+        let owner = identity.principal.clone();
+        let encode: payments::Encode = Arc::new(|payment| {
+            pb::CreatePaymentResponse {
+                payment: Some(convert::payment(payment)),
+            }
+            .encode_to_vec()
+        });
+        // Spawned: a caller that disconnects or times out does not leave the payment half done.
+        let task = tokio::spawn(async move {
+            let claim = Claim {
+                owner_id: &owner,
+                method: CREATE_PAYMENT,
+                key: &key,
+                fingerprint,
+            };
+            flow.create(&claim, new_payment, encode).await
+        });
+        let outcome = task
+            .await
+            .map_err(|err| Status::from(Error::Internal(format!("request task failed: {err}"))))?
+            .map_err(Status::from)?;
+        answer(outcome)
     }
 
     async fn get_payment(
         &self,
-        _request: Request<pb::GetPaymentRequest>,
+        request: Request<pb::GetPaymentRequest>,
     ) -> RpcResult<pb::GetPaymentResponse> {
-        Err(not_yet("GetPayment"))
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        check_id(&mut violations, "payment_id", &request.payment_id);
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let payment =
+            payments::get(&mut connection, &identity.principal, &request.payment_id).await?;
+        Ok(Response::new(pb::GetPaymentResponse {
+            payment: Some(convert::payment(&payment)),
+        }))
     }
 
     async fn list_payments(
         &self,
-        _request: Request<pb::ListPaymentsRequest>,
+        request: Request<pb::ListPaymentsRequest>,
     ) -> RpcResult<pb::ListPaymentsResponse> {
-        Err(not_yet("ListPayments"))
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, request.page_size, 20, 100);
+        let status = match payment_status_filter(request.status) {
+            Ok(status) => status,
+            Err(()) => {
+                violations.add("status", "is not a payment status");
+                None
+            }
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            let decoded = convert::decode_token::<PaymentsPageToken>(&request.page_token)
+                .filter(|token| token.owner == identity.principal && token.status == request.status)
+                .and_then(|token| {
+                    DateTime::<Utc>::from_timestamp_micros(token.created_at_micros)
+                        .map(|at| (at, token.id))
+                });
+            if decoded.is_none() {
+                violations.add("page_token", "is not a page token of this request");
+            }
+            decoded
+        };
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let found = payments::list(
+            &mut connection,
+            &identity.principal,
+            status,
+            after.as_ref(),
+            limit + 1,
+        )
+        .await?;
+        let more = found.len() as i64 > limit;
+        let page: Vec<_> = found
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(0))
+            .collect();
+        let next_page_token = match page.last() {
+            Some(last) if more => convert::encode_token(&PaymentsPageToken {
+                owner: identity.principal.clone(),
+                status: request.status,
+                created_at_micros: last.created_at.timestamp_micros(),
+                id: last.id.clone(),
+            }),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListPaymentsResponse {
+            payments: page.iter().map(convert::payment).collect(),
+            next_page_token,
+        }))
     }
 
     async fn capture_payment(

@@ -1,0 +1,800 @@
+//! Card payments: CreatePayment in atomic phases with recovery points, and reads.
+//!
+//! CreatePayment (SYNC) runs as:
+//! 1. claim the idempotency key with a lease (or resume an abandoned request, or replay);
+//! 2. `started` → one transaction: check the merchant account, vault the card, insert the
+//!    payment (PROCESSING) and the authorization attempt, audit → `payment_created`;
+//! 3. call the acquirer with the attempt id as its idempotency key — never inside a
+//!    database transaction;
+//! 4. one transaction records the outcome: approved (manual capture → REQUIRES_CAPTURE,
+//!    finished; automatic → a capture attempt → `authorized`), declined → FAILED, no answer
+//!    or unavailable → PROCESSING (the SYNC fallback: that answer is stored and replayed);
+//! 5. `authorized` → capture at the acquirer, then one transaction moves the money
+//!    (acquirer settlement → merchant) and marks the payment SUCCEEDED.
+//!
+//! A request that dies between phases leaves its key at the last recovery point; once the
+//! lease expires, a retry with the same key resumes there, and the attempt ids make the
+//! acquirer answer repeats with the first outcome, so nothing is charged twice. Status
+//! changes are conditional UPDATEs, so two resumers can never both move the money.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Acquire as _, PgConnection, PgPool, Row};
+
+use crate::acquirer::{Acquirer, AcquirerError, AuthorizeRequest, Operation, OperationStatus};
+use crate::audit::{self, AuditEvent};
+use crate::domain::card::CardDetails;
+use crate::domain::{Currency, Money};
+use crate::error::Error;
+use crate::idempotency::{self, Claim, Claimed, Outcome, Stored};
+use crate::ledger::{self, Movement, MovementKind, new_id};
+use crate::vault::{Sealed, Vault};
+
+/// Where a payment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    /// Accepted; no acquirer call yet.
+    Pending,
+    /// Waiting for, or unsure of, the acquirer's answer.
+    Processing,
+    /// Authorized; waiting for CapturePayment.
+    RequiresCapture,
+    /// Captured.
+    Succeeded,
+    /// Declined or failed; no charge exists.
+    Failed,
+    /// Canceled before capture.
+    Canceled,
+}
+
+impl PaymentStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::RequiresCapture => "requires_capture",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, Error> {
+        Ok(match text {
+            "pending" => Self::Pending,
+            "processing" => Self::Processing,
+            "requires_capture" => Self::RequiresCapture,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "canceled" => Self::Canceled,
+            other => return Err(Error::Internal(format!("unknown payment status {other:?}"))),
+        })
+    }
+}
+
+/// When the authorized amount is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMethod {
+    /// Right after authorization.
+    Automatic,
+    /// By CapturePayment.
+    Manual,
+}
+
+impl CaptureMethod {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Automatic => "automatic",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// A payment as stored, with its card summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    /// `pay_…`.
+    pub id: String,
+    /// The owning principal.
+    pub owner_id: String,
+    /// The merchant account credited on capture.
+    pub merchant_account_id: String,
+    /// The authorized amount.
+    pub amount: Money,
+    /// Captured so far.
+    pub amount_captured: Money,
+    /// Refunded so far.
+    pub amount_refunded: Money,
+    /// Where it is.
+    pub status: PaymentStatus,
+    /// Automatic or manual capture.
+    pub capture_method: CaptureMethod,
+    /// Always SYNC for now.
+    pub mode: &'static str,
+    /// Card brand.
+    pub card_brand: String,
+    /// Card last four digits.
+    pub card_last4: String,
+    /// Card expiry month.
+    pub card_exp_month: i16,
+    /// Card expiry year.
+    pub card_exp_year: i16,
+    /// Why it failed.
+    pub failure_code: String,
+    /// Why it failed, in words.
+    pub failure_message: String,
+    /// Free text.
+    pub description: String,
+    /// Caller metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A validated CreatePayment request.
+#[derive(Debug, Clone)]
+pub struct NewPayment {
+    /// The caller.
+    pub owner_id: String,
+    /// The merchant account to credit.
+    pub merchant_account_id: String,
+    /// The amount.
+    pub amount: Money,
+    /// The card (never logged: its Debug is redacted).
+    pub card: CardDetails,
+    /// When to capture.
+    pub capture_method: CaptureMethod,
+    /// Free text.
+    pub description: String,
+    /// Caller metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// The request id, for the audit trail.
+    pub request_id: String,
+}
+
+/// What the payment flow needs.
+#[derive(Debug, Clone)]
+pub struct Payments {
+    /// The database.
+    pub pool: PgPool,
+    /// The acquirer connector.
+    pub acquirer: Arc<dyn Acquirer>,
+    /// The card vault.
+    pub vault: Arc<Vault>,
+    /// Bound on each acquirer call; beyond it the outcome is unknown.
+    pub acquirer_timeout: Duration,
+    /// How long a request holds its idempotency key between phases.
+    pub lease: Duration,
+}
+
+const PAYMENT_SELECT: &str = "SELECT p.id, p.owner_id, p.merchant_account_id, p.currency, p.amount, p.amount_captured, \
+     p.amount_refunded, p.status, p.capture_method, p.mode, p.failure_code, p.failure_message, p.description, \
+     p.metadata, p.created_at, p.updated_at, c.brand, c.last4, c.exp_month, c.exp_year \
+     FROM payments p JOIN cards c ON c.id = p.card_id";
+
+fn payment_from_row(row: &sqlx::postgres::PgRow) -> Result<Payment, Error> {
+    let currency: String = row.try_get("currency")?;
+    let currency = Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?;
+    let metadata: sqlx::types::Json<BTreeMap<String, String>> = row.try_get("metadata")?;
+    let capture_method: String = row.try_get("capture_method")?;
+    Ok(Payment {
+        id: row.try_get("id")?,
+        owner_id: row.try_get("owner_id")?,
+        merchant_account_id: row.try_get("merchant_account_id")?,
+        amount: Money::new(row.try_get("amount")?, currency),
+        amount_captured: Money::new(row.try_get("amount_captured")?, currency),
+        amount_refunded: Money::new(row.try_get("amount_refunded")?, currency),
+        status: PaymentStatus::parse(row.try_get("status")?)?,
+        capture_method: if capture_method == "manual" {
+            CaptureMethod::Manual
+        } else {
+            CaptureMethod::Automatic
+        },
+        mode: "sync",
+        card_brand: row.try_get("brand")?,
+        card_last4: row.try_get("last4")?,
+        card_exp_month: row.try_get("exp_month")?,
+        card_exp_year: row.try_get("exp_year")?,
+        failure_code: row.try_get("failure_code")?,
+        failure_message: row.try_get("failure_message")?,
+        description: row.try_get("description")?,
+        metadata: metadata.0,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// One of `owner_id`'s payments.
+pub async fn get(
+    connection: &mut PgConnection,
+    owner_id: &str,
+    payment_id: &str,
+) -> Result<Payment, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{PAYMENT_SELECT} WHERE p.id = $1 AND p.owner_id = $2"
+    )))
+    .bind(payment_id)
+    .bind(owner_id)
+    .fetch_optional(&mut *connection)
+    .await?
+    .ok_or(Error::NotFound("payment"))?;
+    payment_from_row(&row)
+}
+
+/// A page of `owner_id`'s payments, newest first, optionally in one status.
+pub async fn list(
+    connection: &mut PgConnection,
+    owner_id: &str,
+    status: Option<PaymentStatus>,
+    after: Option<&(DateTime<Utc>, String)>,
+    limit: i64,
+) -> Result<Vec<Payment>, Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{PAYMENT_SELECT} WHERE p.owner_id = $1 AND ($2::text IS NULL OR p.status = $2) \
+         AND ($3::timestamptz IS NULL OR (p.created_at, p.id) < ($3, $4)) \
+         ORDER BY p.created_at DESC, p.id DESC LIMIT $5"
+    )))
+    .bind(owner_id)
+    .bind(status.map(PaymentStatus::as_str))
+    .bind(after.map(|(at, _)| *at))
+    .bind(after.map(|(_, id)| id.as_str()).unwrap_or(""))
+    .bind(limit)
+    .fetch_all(&mut *connection)
+    .await?;
+    rows.iter().map(payment_from_row).collect()
+}
+
+/// How a finished CreatePayment's payment becomes the stored response.
+pub type Encode = Arc<dyn Fn(&Payment) -> Vec<u8> + Send + Sync>;
+
+impl Payments {
+    /// Runs CreatePayment under `claim` to an answer (see the module docs).
+    pub async fn create(
+        &self,
+        claim: &Claim<'_>,
+        new: NewPayment,
+        encode: Encode,
+    ) -> Result<Outcome, Error> {
+        let (mut recovery_point, mut payment_id) =
+            match idempotency::claim_leased(&self.pool, claim, self.lease).await? {
+                Claimed::Done(outcome) => return Ok(outcome),
+                Claimed::New => ("started".to_owned(), None),
+                Claimed::Resume {
+                    recovery_point,
+                    payment_id,
+                } => (recovery_point, payment_id),
+            };
+        let result = self
+            .run_phases(claim, &new, &encode, &mut recovery_point, &mut payment_id)
+            .await;
+        match result {
+            Ok(outcome) => Ok(outcome),
+            Err(err) => {
+                if payment_id.is_none() {
+                    // Nothing was created: the key is not stored (e.g. NOT_FOUND).
+                    idempotency::release(&self.pool, claim).await?;
+                } else {
+                    // Keep the recovery point; let a retry resume at once.
+                    idempotency::unlock(&self.pool, claim).await?;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn run_phases(
+        &self,
+        claim: &Claim<'_>,
+        new: &NewPayment,
+        encode: &Encode,
+        recovery_point: &mut String,
+        payment_id: &mut Option<String>,
+    ) -> Result<Outcome, Error> {
+        loop {
+            let next = match (recovery_point.as_str(), payment_id.as_deref()) {
+                ("started", _) => match self.phase_create(claim, new).await? {
+                    PhaseResult::Next(id) => {
+                        *payment_id = Some(id);
+                        "payment_created"
+                    }
+                    PhaseResult::Finished(stored) => return Ok(fresh(stored)),
+                },
+                ("payment_created", Some(id)) => {
+                    match self.phase_authorize(claim, id, new, encode).await? {
+                        PhaseResult::Next(_) => "authorized",
+                        PhaseResult::Finished(stored) => return Ok(fresh(stored)),
+                    }
+                }
+                ("authorized", Some(id)) => match self.phase_capture(claim, id, new, encode).await?
+                {
+                    PhaseResult::Finished(stored) => return Ok(fresh(stored)),
+                    PhaseResult::Next(_) => {
+                        return Err(Error::Internal("capture has no next phase".to_owned()));
+                    }
+                },
+                (point, _) => {
+                    return Err(Error::Internal(format!("unknown recovery point {point:?}")));
+                }
+            };
+            *recovery_point = next.to_owned();
+        }
+    }
+
+    /// `started` → `payment_created`.
+    async fn phase_create(
+        &self,
+        claim: &Claim<'_>,
+        new: &NewPayment,
+    ) -> Result<PhaseResult, Error> {
+        let mut transaction = self.pool.begin().await?;
+        let mut savepoint = transaction.begin().await?;
+        let created = self.insert_payment(&mut savepoint, new).await;
+        match created {
+            Ok(payment_id) => {
+                savepoint.commit().await?;
+                idempotency::advance(
+                    &mut transaction,
+                    claim,
+                    "payment_created",
+                    Some(&payment_id),
+                )
+                .await?;
+                transaction.commit().await?;
+                Ok(PhaseResult::Next(payment_id))
+            }
+            Err(err) if err.is_business_outcome() => {
+                savepoint.rollback().await?;
+                let stored = idempotency::refusal(err);
+                idempotency::finish(&mut transaction, claim, &stored).await?;
+                transaction.commit().await?;
+                Ok(PhaseResult::Finished(stored))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn insert_payment(
+        &self,
+        connection: &mut PgConnection,
+        new: &NewPayment,
+    ) -> Result<String, Error> {
+        let merchant =
+            ledger::get_account(connection, &new.owner_id, &new.merchant_account_id).await?;
+        if merchant.kind != ledger::AccountKind::Merchant {
+            return Err(Error::Precondition {
+                reason: "NOT_A_MERCHANT_ACCOUNT",
+                message: format!("account {} is not a merchant account", merchant.id),
+            });
+        }
+        if merchant.currency != new.amount.currency() {
+            return Err(Error::CurrencyMismatch(format!(
+                "merchant account {} holds {}, the payment is in {}",
+                merchant.id,
+                merchant.currency,
+                new.amount.currency()
+            )));
+        }
+        let card_id = new_id("card");
+        let sealed = self
+            .vault
+            .seal(&card_id, &new.card.pan)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO cards (id, owner_id, key_id, nonce, ciphertext, fingerprint, last4, brand, exp_month, exp_year) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&card_id)
+        .bind(&new.owner_id)
+        .bind(&sealed.key_id)
+        .bind(&sealed.nonce)
+        .bind(&sealed.ciphertext)
+        .bind(self.vault.fingerprint(&new.card.pan))
+        .bind(new.card.pan.last4())
+        .bind(new.card.pan.brand())
+        .bind(i16::from(new.card.exp_month))
+        .bind(i16::try_from(new.card.exp_year).unwrap_or(i16::MAX))
+        .execute(&mut *connection)
+        .await?;
+        let payment_id = new_id("pay");
+        sqlx::query(
+            "INSERT INTO payments (id, owner_id, merchant_account_id, currency, amount, status, capture_method, mode, \
+             card_id, description, metadata) VALUES ($1, $2, $3, $4, $5, 'processing', $6, 'sync', $7, $8, $9)",
+        )
+        .bind(&payment_id)
+        .bind(&new.owner_id)
+        .bind(&new.merchant_account_id)
+        .bind(new.amount.currency().code())
+        .bind(new.amount.amount_minor())
+        .bind(new.capture_method.as_str())
+        .bind(&card_id)
+        .bind(&new.description)
+        .bind(sqlx::types::Json(&new.metadata))
+        .execute(&mut *connection)
+        .await?;
+        insert_attempt(
+            connection,
+            &new.owner_id,
+            &payment_id,
+            "authorize",
+            new.amount,
+        )
+        .await?;
+        audit::record(
+            connection,
+            AuditEvent {
+                owner_id: &new.owner_id,
+                principal: &new.owner_id,
+                action: "payment.create",
+                entity_type: "payment",
+                entity_id: &payment_id,
+                before: None,
+                after: Some(serde_json::json!({
+                    "status": "processing",
+                    "amount_minor": new.amount.amount_minor(),
+                    "currency": new.amount.currency().code(),
+                    "merchant_account_id": new.merchant_account_id,
+                    "card_last4": new.card.pan.last4(),
+                })),
+                request_id: &new.request_id,
+            },
+        )
+        .await?;
+        Ok(payment_id)
+    }
+
+    /// `payment_created` → `authorized` (or finished).
+    async fn phase_authorize(
+        &self,
+        claim: &Claim<'_>,
+        payment_id: &str,
+        new: &NewPayment,
+        encode: &Encode,
+    ) -> Result<PhaseResult, Error> {
+        let (attempt_id, amount, card) = {
+            let mut connection = self.pool.acquire().await?;
+            let attempt = pending_attempt(&mut connection, payment_id, "authorize").await?;
+            let card = self.stored_card(&mut connection, payment_id, new).await?;
+            (attempt.0, attempt.1, card)
+        };
+        let result = tokio::time::timeout(
+            self.acquirer_timeout,
+            self.acquirer.authorize(AuthorizeRequest {
+                operation_id: &attempt_id,
+                reference: payment_id,
+                amount,
+                card: &card,
+            }),
+        )
+        .await
+        .unwrap_or(Err(AcquirerError::Timeout));
+        if matches!(&result, Ok(op) if op.status == OperationStatus::Approved) {
+            crate::failpoint::hit("after_acquirer_approve");
+        }
+
+        let mut transaction = self.pool.begin().await?;
+        record_attempt(&mut transaction, &attempt_id, &result).await?;
+        let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
+        match &result {
+            Ok(op) if op.status == OperationStatus::Approved => {
+                sqlx::query(
+                    "UPDATE payments SET authorization_id = $2, updated_at = now() WHERE id = $1",
+                )
+                .bind(payment_id)
+                .bind(&attempt_id)
+                .execute(&mut *transaction)
+                .await?;
+                if payment.capture_method == CaptureMethod::Manual {
+                    set_status(
+                        &mut transaction,
+                        &payment,
+                        PaymentStatus::RequiresCapture,
+                        "",
+                        "",
+                    )
+                    .await?;
+                    return self.finish(transaction, claim, payment_id, encode).await;
+                }
+                insert_attempt(
+                    &mut transaction,
+                    &payment.owner_id,
+                    payment_id,
+                    "capture",
+                    payment.amount,
+                )
+                .await?;
+                idempotency::advance(&mut transaction, claim, "authorized", None).await?;
+                transaction.commit().await?;
+                Ok(PhaseResult::Next(payment_id.to_owned()))
+            }
+            Ok(Operation {
+                status: OperationStatus::Declined { code },
+                ..
+            }) => {
+                let message = match code.as_str() {
+                    "insufficient_funds" => "the card has insufficient funds",
+                    _ => "the card was declined",
+                };
+                set_status(
+                    &mut transaction,
+                    &payment,
+                    PaymentStatus::Failed,
+                    code,
+                    message,
+                )
+                .await?;
+                self.finish(transaction, claim, payment_id, encode).await
+            }
+            // No charge exists but nothing is settled either (processing error, timeout,
+            // unavailable): the payment stays PROCESSING, which is the SYNC answer.
+            _ => self.finish(transaction, claim, payment_id, encode).await,
+        }
+    }
+
+    /// `authorized` → finished.
+    async fn phase_capture(
+        &self,
+        claim: &Claim<'_>,
+        payment_id: &str,
+        _new: &NewPayment,
+        encode: &Encode,
+    ) -> Result<PhaseResult, Error> {
+        let (attempt_id, amount, authorization_id) = {
+            let mut connection = self.pool.acquire().await?;
+            let (attempt_id, amount) =
+                pending_attempt(&mut connection, payment_id, "capture").await?;
+            let authorization_id: Option<String> =
+                sqlx::query_scalar("SELECT authorization_id FROM payments WHERE id = $1")
+                    .bind(payment_id)
+                    .fetch_one(&mut *connection)
+                    .await?;
+            let authorization_id = authorization_id.ok_or_else(|| {
+                Error::Internal("authorized payment without authorization".to_owned())
+            })?;
+            (attempt_id, amount, authorization_id)
+        };
+        let result = tokio::time::timeout(
+            self.acquirer_timeout,
+            self.acquirer
+                .capture(&attempt_id, &authorization_id, amount),
+        )
+        .await
+        .unwrap_or(Err(AcquirerError::Timeout));
+        crate::failpoint::hit("before_finalize");
+
+        let mut transaction = self.pool.begin().await?;
+        record_attempt(&mut transaction, &attempt_id, &result).await?;
+        let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
+        if matches!(&result, Ok(op) if op.status == OperationStatus::Approved)
+            && payment.status == PaymentStatus::Processing
+        {
+            let moved = sqlx::query(
+                "UPDATE payments SET status = 'succeeded', amount_captured = $2, updated_at = now() \
+                 WHERE id = $1 AND status = 'processing'",
+            )
+            .bind(payment_id)
+            .bind(amount.amount_minor())
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+            if moved == 1 {
+                let settlement = ledger::system_account(
+                    &mut transaction,
+                    "acquirer_settlement",
+                    amount.currency(),
+                )
+                .await?;
+                ledger::post(
+                    &mut transaction,
+                    &Movement {
+                        owner_id: payment.owner_id.clone(),
+                        kind: MovementKind::Capture,
+                        reference_id: payment_id.to_owned(),
+                        from_account_id: settlement,
+                        to_account_id: payment.merchant_account_id.clone(),
+                        amount,
+                        description: String::new(),
+                    },
+                )
+                .await?;
+                audit::record(
+                    &mut transaction,
+                    AuditEvent {
+                        owner_id: &payment.owner_id,
+                        principal: &payment.owner_id,
+                        action: "payment.capture",
+                        entity_type: "payment",
+                        entity_id: payment_id,
+                        before: Some(serde_json::json!({ "status": payment.status.as_str() })),
+                        after: Some(serde_json::json!({
+                            "status": "succeeded",
+                            "amount_captured_minor": amount.amount_minor(),
+                        })),
+                        request_id: "",
+                    },
+                )
+                .await?;
+            }
+        }
+        self.finish(transaction, claim, payment_id, encode).await
+    }
+
+    /// Stores the payment as it now stands as the key's answer, and commits.
+    async fn finish(
+        &self,
+        mut transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+        claim: &Claim<'_>,
+        payment_id: &str,
+        encode: &Encode,
+    ) -> Result<PhaseResult, Error> {
+        let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
+        let stored = Stored::Response(encode(&payment));
+        idempotency::finish(&mut transaction, claim, &stored).await?;
+        transaction.commit().await?;
+        Ok(PhaseResult::Finished(stored))
+    }
+
+    /// The card of a payment: decrypted from the vault (the CVC only exists in the
+    /// request that brought it, never in the database).
+    async fn stored_card(
+        &self,
+        connection: &mut PgConnection,
+        payment_id: &str,
+        new: &NewPayment,
+    ) -> Result<CardDetails, Error> {
+        let row = sqlx::query(
+            "SELECT c.id, c.key_id, c.nonce, c.ciphertext, c.exp_month, c.exp_year \
+             FROM payments p JOIN cards c ON c.id = p.card_id WHERE p.id = $1",
+        )
+        .bind(payment_id)
+        .fetch_one(&mut *connection)
+        .await?;
+        let card_id: String = row.try_get("id")?;
+        let sealed = Sealed {
+            key_id: row.try_get("key_id")?,
+            nonce: row.try_get("nonce")?,
+            ciphertext: row.try_get("ciphertext")?,
+        };
+        let pan = self
+            .vault
+            .open(&card_id, &sealed)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let cvc = (pan == new.card.pan)
+            .then(|| new.card.cvc.clone())
+            .flatten();
+        Ok(CardDetails {
+            pan,
+            exp_month: u8::try_from(row.try_get::<i16, _>("exp_month")?).unwrap_or(0),
+            exp_year: u16::try_from(row.try_get::<i16, _>("exp_year")?).unwrap_or(0),
+            cvc,
+        })
+    }
+}
+
+enum PhaseResult {
+    Next(String),
+    Finished(Stored),
+}
+
+fn fresh(stored: Stored) -> Outcome {
+    Outcome {
+        stored,
+        replayed: false,
+    }
+}
+
+async fn insert_attempt(
+    connection: &mut PgConnection,
+    owner_id: &str,
+    payment_id: &str,
+    kind: &str,
+    amount: Money,
+) -> Result<String, Error> {
+    let attempt_id = new_id("att");
+    sqlx::query(
+        "INSERT INTO attempts (id, owner_id, payment_id, kind, currency, amount, status) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
+    )
+    .bind(&attempt_id)
+    .bind(owner_id)
+    .bind(payment_id)
+    .bind(kind)
+    .bind(amount.currency().code())
+    .bind(amount.amount_minor())
+    .execute(connection)
+    .await?;
+    Ok(attempt_id)
+}
+
+/// The newest attempt of `kind` still waiting for (or unsure of) its answer.
+async fn pending_attempt(
+    connection: &mut PgConnection,
+    payment_id: &str,
+    kind: &str,
+) -> Result<(String, Money), Error> {
+    let row = sqlx::query(
+        "SELECT id, currency, amount FROM attempts WHERE payment_id = $1 AND kind = $2 \
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(payment_id)
+    .bind(kind)
+    .fetch_one(&mut *connection)
+    .await?;
+    let currency: String = row.try_get("currency")?;
+    let currency = Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?;
+    Ok((
+        row.try_get("id")?,
+        Money::new(row.try_get("amount")?, currency),
+    ))
+}
+
+async fn record_attempt(
+    connection: &mut PgConnection,
+    attempt_id: &str,
+    result: &Result<Operation, AcquirerError>,
+) -> Result<(), Error> {
+    let (status, code) = match result {
+        Ok(op) => match &op.status {
+            OperationStatus::Approved => ("approved", String::new()),
+            OperationStatus::Declined { code } => ("declined", code.clone()),
+            OperationStatus::Failed { code } => ("failed", code.clone()),
+        },
+        Err(AcquirerError::Timeout) => ("unknown", "timeout".to_owned()),
+        Err(AcquirerError::Unavailable(_)) => ("failed", "unavailable".to_owned()),
+        Err(AcquirerError::Rejected(reason)) => ("failed", format!("rejected: {reason}")),
+    };
+    sqlx::query(
+        "UPDATE attempts SET status = $2, result_code = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(attempt_id)
+    .bind(status)
+    .bind(code)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn set_status(
+    connection: &mut PgConnection,
+    payment: &Payment,
+    status: PaymentStatus,
+    failure_code: &str,
+    failure_message: &str,
+) -> Result<(), Error> {
+    let moved = sqlx::query(
+        "UPDATE payments SET status = $2, failure_code = $3, failure_message = $4, updated_at = now() \
+         WHERE id = $1 AND status = $5",
+    )
+    .bind(&payment.id)
+    .bind(status.as_str())
+    .bind(failure_code)
+    .bind(failure_message)
+    .bind(payment.status.as_str())
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if moved == 1 {
+        audit::record(
+            connection,
+            AuditEvent {
+                owner_id: &payment.owner_id,
+                principal: &payment.owner_id,
+                action: "payment.status",
+                entity_type: "payment",
+                entity_id: &payment.id,
+                before: Some(serde_json::json!({ "status": payment.status.as_str() })),
+                after: Some(
+                    serde_json::json!({ "status": status.as_str(), "failure_code": failure_code }),
+                ),
+                request_id: "",
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
