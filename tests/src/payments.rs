@@ -15,6 +15,7 @@ pub const TENANT_SCOPES: [&str; 2] = ["payments:read", "payments:write"];
 #[derive(Debug, Clone)]
 pub struct Tenant {
     principal: String,
+    channel: Channel,
     client: PaymentServiceClient<Channel>,
 }
 
@@ -23,8 +24,14 @@ impl Tenant {
     pub fn new(principal: &str, channel: Channel) -> Self {
         Self {
             principal: principal.to_owned(),
-            client: PaymentServiceClient::new(channel),
+            client: PaymentServiceClient::new(channel.clone()),
+            channel,
         }
+    }
+
+    /// The same service as another principal.
+    pub fn as_principal(&self, principal: &str) -> Self {
+        Self::new(principal, self.channel.clone())
     }
 
     /// The principal.
@@ -121,4 +128,55 @@ pub fn replayed<T>(response: &Response<T>) -> bool {
 pub fn reason(status: &Status) -> Option<String> {
     use tonic_types::StatusExt as _;
     status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The test cards of the sandbox acquirer.
+pub mod cards {
+    pub use payment_svc::acquirer::sandbox::{
+        CARD_APPROVED, CARD_DECLINED, CARD_INSUFFICIENT_FUNDS, CARD_PROCESSING_ERROR,
+        CARD_SLOW_APPROVED,
+    };
+
+    /// Every test card number.
+    pub const ALL: [&str; 5] = [
+        CARD_APPROVED,
+        CARD_DECLINED,
+        CARD_INSUFFICIENT_FUNDS,
+        CARD_PROCESSING_ERROR,
+        CARD_SLOW_APPROVED,
+    ];
+}
+
+/// A CreatePayment request for `amount_minor` BRL on `card` into `merchant`.
+pub fn payment_request(
+    key: &str,
+    merchant: &str,
+    amount_minor: i64,
+    card: &str,
+) -> pb::CreatePaymentRequest {
+    pb::CreatePaymentRequest {
+        idempotency_key: key.to_owned(),
+        merchant_account_id: merchant.to_owned(),
+        amount: Some(pb::Money {
+            amount_minor,
+            currency: "BRL".to_owned(),
+        }),
+        card: Some(pb::CardInput {
+            number: card.to_owned(),
+            exp_month: 12,
+            exp_year: 2034,
+            cvc: "123".to_owned(),
+        }),
+        ..Default::default()
+    }
+}
+
+impl Tenant {
+    /// CreatePayment.
+    pub async fn pay(
+        &self,
+        request: pb::CreatePaymentRequest,
+    ) -> Result<Response<pb::CreatePaymentResponse>, Status> {
+        self.client().create_payment(self.request(request)).await
+    }
 }

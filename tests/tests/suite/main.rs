@@ -6,5 +6,6 @@ mod database;
 mod identity;
 mod ledger;
 mod limits;
+mod payments;
 mod reflection;
 mod shutdown;
