@@ -14,6 +14,12 @@
 --     payments into one hot merchant do not serialize.
 --   Deltas are non-negative for non-negative accounts, so the true balance of such an
 --   account is always >= `balance` >= 0.
+--
+-- No foreign key points at `accounts` from the ledger: a foreign-key check takes a KEY
+-- SHARE lock on the referenced row, and credits must not lock the receiving account at
+-- all. The ledger code reads both accounts (existence, currency) in the movement's
+-- transaction instead, and accounts can be neither deleted (no privilege) nor changed in
+-- identity, owner, currency or kind (the trigger below).
 
 CREATE TABLE accounts (
     id             text        PRIMARY KEY,
@@ -28,13 +34,25 @@ CREATE TABLE accounts (
     balance        bigint      NOT NULL DEFAULT 0,
     created_at     timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT accounts_non_negative CHECK (allow_negative OR balance >= 0),
-    CONSTRAINT accounts_system_key CHECK ((kind = 'system') = (system_key IS NOT NULL)),
-    -- Lets entries reference (account, currency) so an entry can never change an
-    -- account in another currency.
-    UNIQUE (id, currency)
+    CONSTRAINT accounts_system_key CHECK ((kind = 'system') = (system_key IS NOT NULL))
 );
 
 CREATE INDEX accounts_by_owner ON accounts (owner_id, created_at DESC, id DESC);
+
+-- Only an account's balance changes; what it is never does.
+CREATE FUNCTION refuse_account_identity_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.id, NEW.owner_id, NEW.currency, NEW.kind, NEW.allow_negative, NEW.system_key)
+       IS DISTINCT FROM (OLD.id, OLD.owner_id, OLD.currency, OLD.kind, OLD.allow_negative, OLD.system_key) THEN
+        RAISE EXCEPTION 'accounts: only the balance may change' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER accounts_identity_fixed BEFORE UPDATE ON accounts
+    FOR EACH ROW EXECUTE FUNCTION refuse_account_identity_change();
 
 CREATE TABLE movements (
     id                text        PRIMARY KEY,
@@ -47,9 +65,7 @@ CREATE TABLE movements (
     credit_account_id text        NOT NULL,
     description       text        NOT NULL DEFAULT '',
     created_at        timestamptz NOT NULL DEFAULT now(),
-    CHECK (debit_account_id <> credit_account_id),
-    FOREIGN KEY (debit_account_id, currency) REFERENCES accounts (id, currency),
-    FOREIGN KEY (credit_account_id, currency) REFERENCES accounts (id, currency)
+    CHECK (debit_account_id <> credit_account_id)
 );
 
 CREATE INDEX movements_by_reference ON movements (reference_id);
@@ -61,8 +77,7 @@ CREATE TABLE ledger_entries (
     owner_id     text        NOT NULL,  -- the account's owner
     currency     text        NOT NULL,
     amount       bigint      NOT NULL CHECK (amount <> 0),  -- negative: debit
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    FOREIGN KEY (account_id, currency) REFERENCES accounts (id, currency)
+    created_at   timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE INDEX ledger_entries_by_account ON ledger_entries (account_id, position);
@@ -70,7 +85,7 @@ CREATE INDEX ledger_entries_by_movement ON ledger_entries (movement_id);
 
 CREATE TABLE balance_deltas (
     position    bigint PRIMARY KEY REFERENCES ledger_entries (position),
-    account_id  text   NOT NULL REFERENCES accounts (id),
+    account_id  text   NOT NULL,
     amount      bigint NOT NULL CHECK (amount <> 0)
 );
 

@@ -38,7 +38,8 @@ CREATE TABLE payments (
     metadata            jsonb       NOT NULL DEFAULT '{}',
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
-    FOREIGN KEY (merchant_account_id, currency) REFERENCES accounts (id, currency),
+    -- No foreign key to accounts (see the ledger migration): the merchant account is
+    -- checked in the creating transaction, and a hot merchant's row is never locked.
     CHECK (amount_captured BETWEEN 0 AND amount),
     CHECK (amount_refunded BETWEEN 0 AND amount_captured)
 );

@@ -354,8 +354,8 @@ pub async fn list_entries(
 /// A debit of a non-negative account locks that account's row, folds its pending deltas
 /// and subtracts; the database's CHECK refuses a negative result, reported as
 /// [`Error::InsufficientFunds`]. Every other balance change is an inserted delta, so the
-/// credited account's row is never locked. (The foreign keys take a KEY SHARE lock on
-/// the referenced accounts, which conflicts with nothing a movement does.)
+/// credited account's row is never locked (not even by a foreign-key check: the ledger
+/// has none pointing at accounts; both accounts are read and checked here instead).
 pub async fn post(connection: &mut PgConnection, movement: &Movement) -> Result<Posted, Error> {
     let currency = movement.amount.currency();
     let amount = movement.amount.amount_minor();

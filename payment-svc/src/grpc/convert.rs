@@ -117,3 +117,51 @@ pub(crate) fn payment(payment: &Payment) -> pb::Payment {
         update_time: Some(timestamp(payment.updated_at)),
     }
 }
+
+/// JSON → `google.protobuf.Value`.
+fn json_value(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        // Struct's number is a double, which cannot hold every i64 minor-unit amount
+        // exactly: numbers travel as decimal strings instead.
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Kind::StringValue(i.to_string()),
+            None => Kind::StringValue(n.to_string()),
+        },
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_value).collect(),
+        }),
+        serde_json::Value::Object(_) => Kind::StructValue(json_struct(value)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A JSON object → `google.protobuf.Struct` (numbers as decimal strings: exact).
+pub(crate) fn json_struct(value: &serde_json::Value) -> prost_types::Struct {
+    let fields = match value {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_value(v)))
+            .collect(),
+        _ => Default::default(),
+    };
+    prost_types::Struct { fields }
+}
+
+pub(crate) fn audit_record(record: &crate::audit::AuditRecord) -> pb::AuditRecord {
+    pb::AuditRecord {
+        id: record.id,
+        principal: record.principal.clone(),
+        action: record.action.clone(),
+        entity_type: record.entity_type.clone(),
+        entity_id: record.entity_id.clone(),
+        before: record.before.as_ref().map(json_struct),
+        after: record.after.as_ref().map(json_struct),
+        request_id: record.request_id.clone(),
+        trace_id: record.trace_id.clone().unwrap_or_default(),
+        occur_time: Some(timestamp(record.occurred_at)),
+    }
+}

@@ -233,6 +233,14 @@ const CREATE_TRANSFER: &str = "/paysuite.payments.v1.PaymentService/CreateTransf
 const CREATE_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CreatePayment";
 
 #[derive(Serialize, Deserialize)]
+struct AuditPageToken {
+    owner: String,
+    entity_type: String,
+    entity_id: String,
+    after: i64,
+}
+
+#[derive(Serialize, Deserialize)]
 struct PaymentsPageToken {
     owner: String,
     status: i32,
@@ -829,9 +837,58 @@ impl PaymentService for PaymentApi {
 impl PaymentAdminService for PaymentApi {
     async fn get_audit_trail(
         &self,
-        _request: Request<pb::GetAuditTrailRequest>,
+        request: Request<pb::GetAuditTrailRequest>,
     ) -> RpcResult<pb::GetAuditTrailResponse> {
-        Err(not_yet("GetAuditTrail"))
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, request.page_size, 100, 500);
+        let after = if request.page_token.is_empty() {
+            0
+        } else {
+            match convert::decode_token::<AuditPageToken>(&request.page_token) {
+                Some(token)
+                    if token.owner == identity.principal
+                        && token.entity_type == request.entity_type
+                        && token.entity_id == request.entity_id =>
+                {
+                    token.after
+                }
+                _ => {
+                    violations.add("page_token", "is not a page token of this request");
+                    0
+                }
+            }
+        };
+        violations.into_result()?;
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let records = audit::list(
+            &mut connection,
+            non_empty(&request.entity_type).as_deref(),
+            non_empty(&request.entity_id).as_deref(),
+            after,
+            limit + 1,
+        )
+        .await?;
+        let more = records.len() as i64 > limit;
+        let page: Vec<_> = records
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(0))
+            .collect();
+        let next_page_token = match page.last() {
+            Some(last) if more => convert::encode_token(&AuditPageToken {
+                owner: identity.principal.clone(),
+                entity_type: request.entity_type.clone(),
+                entity_id: request.entity_id.clone(),
+                after: last.id,
+            }),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::GetAuditTrailResponse {
+            records: page.iter().map(convert::audit_record).collect(),
+            next_page_token,
+        }))
     }
 
     async fn list_jobs(

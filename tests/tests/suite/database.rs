@@ -161,3 +161,35 @@ async fn spawned_payment_svc_exits_with_one_line_when_database_is_unreachable() 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn an_account_can_change_only_its_balance() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    payment_svc::db::migrate(&database.payment_config()).await?;
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    owner
+        .execute(
+            "INSERT INTO accounts (id, owner_id, currency, kind, allow_negative) \
+             VALUES ('acct_1', 'alice', 'BRL', 'customer', false)",
+        )
+        .await?;
+    for statement in [
+        "UPDATE accounts SET currency = 'USD'",
+        "UPDATE accounts SET owner_id = 'mallory'",
+        "UPDATE accounts SET allow_negative = true",
+    ] {
+        assert_eq!(
+            error_code(&mut owner, statement).await.as_deref(),
+            Some("42501"),
+            "{statement}"
+        );
+    }
+    // A balance that would go below zero is refused by the database itself.
+    let negative = error_code(&mut owner, "UPDATE accounts SET balance = -1").await;
+    assert_eq!(negative.as_deref(), Some("23514"));
+    assert_eq!(
+        error_code(&mut owner, "UPDATE accounts SET balance = 5").await,
+        None
+    );
+    Ok(())
+}

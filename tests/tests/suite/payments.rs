@@ -432,3 +432,74 @@ async fn invalid_payment_fields_are_reported_by_path() -> anyhow::Result<()> {
     );
     setup.service.stop().await
 }
+
+#[tokio::test]
+async fn every_change_leaves_an_audit_row_that_only_admins_read() -> anyhow::Result<()> {
+    use proto::payments::v1::payment_admin_service_client::PaymentAdminServiceClient;
+    use service_kit::identity::IDENTITY_HEADER;
+
+    let setup = setup(|_| {}).await?;
+    let paid = setup
+        .alice
+        .pay(payment_request(
+            "audited",
+            &setup.merchant,
+            700,
+            cards::CARD_APPROVED,
+        ))
+        .await?
+        .into_inner()
+        .payment
+        .map(|p| p.id)
+        .unwrap_or_default();
+    let channel = tonic::transport::Channel::from_shared(setup.service.endpoint())?
+        .connect()
+        .await?;
+    let mut admin = PaymentAdminServiceClient::new(channel);
+    let trail_request =
+        |scopes: &[&str]| -> anyhow::Result<tonic::Request<pb::GetAuditTrailRequest>> {
+            let mut request = tonic::Request::new(pb::GetAuditTrailRequest {
+                entity_type: "payment".to_owned(),
+                entity_id: paid.clone(),
+                ..Default::default()
+            });
+            let token = tests::identity::token("operator", scopes, "payment-svc");
+            request
+                .metadata_mut()
+                .insert(IDENTITY_HEADER, token.parse()?);
+            Ok(request)
+        };
+    let denied = admin
+        .get_audit_trail(trail_request(&["payments:read"])?)
+        .await
+        .err();
+    assert_eq!(denied.map(|s| s.code()), Some(Code::PermissionDenied));
+    let trail = admin
+        .get_audit_trail(trail_request(&["admin"])?)
+        .await?
+        .into_inner();
+    let actions: Vec<&str> = trail.records.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions, ["payment.create", "payment.capture"]);
+    assert!(trail.records.iter().all(|r| r.principal == "alice"));
+    let after = trail.records.get(1).and_then(|r| r.after.as_ref());
+    let status = after
+        .and_then(|s| s.fields.get("status"))
+        .and_then(|v| v.kind.clone());
+    assert_eq!(
+        status,
+        Some(prost_types::value::Kind::StringValue(
+            "succeeded".to_owned()
+        ))
+    );
+
+    // Every mutating call of this test left its row: the account and the payment.
+    let mut owner = PgConnection::connect(&setup.database.owner_url()).await?;
+    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
+        .fetch_all(&mut owner)
+        .await?;
+    assert_eq!(
+        actions,
+        ["account.create", "payment.create", "payment.capture"]
+    );
+    setup.service.stop().await
+}
