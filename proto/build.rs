@@ -2,6 +2,7 @@
 //! descriptor set (with source info, so reflection shows the comments) and generates
 //! Rust with tonic-prost-build.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,12 +25,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.encode_file_descriptor_set(),
     )?;
 
+    let descriptor_set = compiler.file_descriptor_set();
+    let packages: BTreeSet<String> = descriptor_set
+        .file
+        .iter()
+        .map(|file| file.package().to_owned())
+        .filter(|package| package.starts_with("paysuite."))
+        .collect();
+
+    // Start from a clean slate so that a package which stops producing code does not keep
+    // a stale file from an earlier build.
+    for package in &packages {
+        match std::fs::remove_file(out_dir.join(format!("{package}.rs"))) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error.into()),
+            _ => {}
+        }
+    }
+
     tonic_prost_build::configure()
         .btree_map(".")
         .build_client(true)
         .build_server(true)
         .emit_rerun_if_changed(false)
-        .compile_fds(compiler.file_descriptor_set())?;
+        .compile_fds(descriptor_set)?;
+
+    // prost writes nothing for a package that declares only extensions (paysuite.api.v1),
+    // but lib.rs includes one file per package: give such a package an empty file.
+    for package in &packages {
+        let generated = out_dir.join(format!("{package}.rs"));
+        if !generated.exists() {
+            std::fs::write(
+                generated,
+                "// This package declares no messages, enums or services.\n",
+            )?;
+        }
+    }
 
     println!("cargo:rerun-if-changed=paysuite");
     for file in &files {

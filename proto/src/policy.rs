@@ -11,7 +11,7 @@ use prost_types::method_options::IdempotencyLevel as ProtoIdempotencyLevel;
 use crate::FILE_DESCRIPTOR_SET;
 
 /// Name of the method option holding the scope an RPC requires.
-pub const REQUIRED_SCOPE_OPTION: &str = "paysuite.api.v1.required_scope";
+pub const REQUIRED_SCOPE_OPTION: &str = crate::api::v1::REQUIRED_SCOPE_EXTENSION;
 
 /// Whether a call may be retried, from the standard `idempotency_level` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,25 +130,42 @@ pub fn descriptor_pool() -> &'static DescriptorPool {
 mod tests {
     use std::collections::BTreeSet;
 
-    use prost_reflect::Kind;
+    use prost_reflect::{Kind, MethodDescriptor};
 
     use super::*;
+    use crate::api::v1 as api;
 
-    const SCOPES: [&str; 5] = [
-        "payments:read",
-        "payments:write",
-        "admin",
-        "ratelimit:check",
-        "acquirer:call",
-    ];
+    fn paysuite_methods() -> impl Iterator<Item = (String, MethodDescriptor)> {
+        descriptor_pool()
+            .services()
+            .filter(|service| service.full_name().starts_with("paysuite."))
+            .flat_map(|service| service.methods().collect::<Vec<_>>())
+            .map(|method| {
+                let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
+                (path, method)
+            })
+    }
+
+    #[test]
+    fn the_required_scope_option_is_the_one_the_crate_names() {
+        let extension = descriptor_pool().get_extension_by_name(REQUIRED_SCOPE_OPTION);
+        assert_eq!(
+            extension.map(|e| (e.number(), e.containing_message().full_name().to_owned())),
+            Some((
+                api::REQUIRED_SCOPE_FIELD_NUMBER,
+                "google.protobuf.MethodOptions".to_owned()
+            ))
+        );
+    }
 
     #[test]
     fn every_rpc_declares_a_known_scope_and_its_idempotency_level() {
         let policies = method_policies();
+        assert_eq!(policies.len(), paysuite_methods().count());
         assert!(policies.len() >= 25, "{} RPCs", policies.len());
         for policy in policies.values() {
             assert!(
-                SCOPES.contains(&policy.required_scope.as_str()),
+                api::SCOPES.contains(&policy.required_scope.as_str()),
                 "{}: scope {:?}",
                 policy.path,
                 policy.required_scope
@@ -167,38 +184,109 @@ mod tests {
         let watch = method_policy("/paysuite.payments.v1.PaymentService/WatchBalance");
         assert_eq!(
             watch.map(|p| (p.server_streaming, p.required_scope.as_str())),
-            Some((true, "payments:read"))
+            Some((true, api::SCOPE_PAYMENTS_READ))
         );
+        // Check consumes allowance: a retry would consume again.
         let check = method_policy("/paysuite.ratelimit.v1.RateLimitService/Check");
         assert_eq!(
-            check.map(|p| p.idempotency_level.is_retryable()),
-            Some(false)
+            check.map(|p| (p.idempotency_level, p.idempotency_level_declared)),
+            Some((IdempotencyLevel::Unknown, true))
         );
     }
 
-    /// A write that is retried must be recognisable as the same request: every IDEMPOTENT
-    /// payments RPC carries an idempotency key. (Acquirer operations are keyed by their
-    /// `operation_id`; SetBreakerState sets a state, which is idempotent by itself.)
+    /// Each service's scopes follow one rule, so a new RPC cannot quietly require the wrong
+    /// scope; a new service must be added here on purpose.
     #[test]
-    fn every_idempotent_payments_write_takes_an_idempotency_key() {
-        let pool = descriptor_pool();
-        for service in pool
-            .services()
-            .filter(|s| s.full_name().starts_with("paysuite.payments."))
-        {
-            for method in service.methods() {
-                let path = format!("/{}/{}", service.full_name(), method.name());
-                if method_policy(&path).map(|p| p.idempotency_level)
-                    != Some(IdempotencyLevel::Idempotent)
-                {
-                    continue;
+    fn every_rpc_requires_the_scope_of_its_service_and_kind() {
+        for policy in method_policies().values() {
+            let service = policy
+                .path
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            let expected = match service {
+                "paysuite.payments.v1.PaymentService" => {
+                    if policy.idempotency_level == IdempotencyLevel::NoSideEffects {
+                        api::SCOPE_PAYMENTS_READ
+                    } else {
+                        api::SCOPE_PAYMENTS_WRITE
+                    }
                 }
-                let field = method.input().get_field_by_name("idempotency_key");
-                assert!(
-                    field.is_some_and(|f| f.kind() == Kind::String && f.number() == 1),
-                    "{path}: request lacks `string idempotency_key = 1`"
+                "paysuite.payments.v1.PaymentAdminService"
+                | "paysuite.gateway.v1.GatewayAdminService" => api::SCOPE_ADMIN,
+                "paysuite.ratelimit.v1.RateLimitService" => api::SCOPE_RATELIMIT_CHECK,
+                "paysuite.acquirer.v1.AcquirerService"
+                | "paysuite.acquirer.v1.SandboxControlService" => api::SCOPE_ACQUIRER_CALL,
+                other => panic!("{other}: no scope rule for this service"),
+            };
+            assert_eq!(policy.required_scope, expected, "{}", policy.path);
+        }
+    }
+
+    /// The gateway never retries streams and exempts them from unary timeouts: every
+    /// stream is a server-streaming read.
+    #[test]
+    fn every_streaming_rpc_is_a_server_streaming_read() {
+        for policy in method_policies().values() {
+            assert!(!policy.client_streaming, "{}", policy.path);
+            if policy.server_streaming {
+                assert_eq!(
+                    policy.idempotency_level,
+                    IdempotencyLevel::NoSideEffects,
+                    "{}",
+                    policy.path
                 );
             }
+        }
+    }
+
+    /// A write that is retried must be recognisable as the same request, so every
+    /// IDEMPOTENT RPC's request carries `string idempotency_key = 1`, except:
+    /// - acquirer operations, keyed by the caller's `operation_id` (payment-svc's attempt
+    ///   id, itself derived from the payment's idempotency key): the acquirer performs an
+    ///   operation id at most once;
+    /// - RPCs that set an absolute state (a breaker override, the sandbox's faults):
+    ///   applying the same request twice leaves the same state.
+    #[test]
+    fn every_idempotent_write_is_keyed() {
+        const KEYED_BY_OPERATION_ID: [&str; 4] = [
+            "/paysuite.acquirer.v1.AcquirerService/Authorize",
+            "/paysuite.acquirer.v1.AcquirerService/Capture",
+            "/paysuite.acquirer.v1.AcquirerService/Void",
+            "/paysuite.acquirer.v1.AcquirerService/Refund",
+        ];
+        const SETS_A_STATE: [&str; 2] = [
+            "/paysuite.gateway.v1.GatewayAdminService/SetBreakerState",
+            "/paysuite.acquirer.v1.SandboxControlService/SetFaults",
+        ];
+        let mut seen = BTreeSet::new();
+        for (path, method) in paysuite_methods() {
+            let level = method_policy(&path).map(|p| p.idempotency_level);
+            let key = method.input().get_field_by_name("idempotency_key");
+            if level != Some(IdempotencyLevel::Idempotent) {
+                assert!(key.is_none(), "{path}: a key on a non-IDEMPOTENT RPC");
+                continue;
+            }
+            let (key_field, number) = if KEYED_BY_OPERATION_ID.contains(&path.as_str()) {
+                ("operation_id", 1)
+            } else if SETS_A_STATE.contains(&path.as_str()) {
+                seen.insert(path);
+                continue;
+            } else {
+                ("idempotency_key", 1)
+            };
+            let field = method.input().get_field_by_name(key_field);
+            assert!(
+                field.is_some_and(|f| f.kind() == Kind::String
+                    && f.number() == number
+                    && !f.is_list()),
+                "{path}: request lacks `string {key_field} = {number}`"
+            );
+            seen.insert(path);
+        }
+        for path in KEYED_BY_OPERATION_ID.iter().chain(&SETS_A_STATE) {
+            assert!(seen.contains(*path), "{path}: stale exemption");
         }
     }
 
@@ -214,14 +302,38 @@ mod tests {
                     "{} is floating point: money is integer minor units",
                     field.full_name()
                 );
+                // A float can also hide in a well-known wrapper or a map value.
+                let nested = match field.kind() {
+                    Kind::Message(inner) if inner.is_map_entry() => {
+                        inner.map_entry_value_field().kind()
+                    }
+                    other => other,
+                };
+                if let Kind::Message(inner) = &nested {
+                    assert!(
+                        !matches!(
+                            inner.full_name(),
+                            "google.protobuf.DoubleValue" | "google.protobuf.FloatValue"
+                        ),
+                        "{} wraps a floating-point number",
+                        field.full_name()
+                    );
+                }
+                assert!(
+                    !matches!(nested, Kind::Float | Kind::Double),
+                    "{} maps to floating point",
+                    field.full_name()
+                );
             }
         }
     }
 
-    /// Comments are what operators read in `grpcurl describe`: everything is documented.
+    /// Comments are what operators read in `grpcurl describe`, and they reach reflection
+    /// only if the descriptor set keeps source info: everything is documented.
     #[test]
     fn every_paysuite_element_has_a_doc_comment() {
         let mut undocumented = Vec::new();
+        let mut checked = 0;
         for file in descriptor_pool()
             .files()
             .filter(|f| f.package_name().starts_with("paysuite."))
@@ -239,21 +351,29 @@ mod tests {
                 .map(|l| l.path.clone())
                 .collect();
             let mut require = |path: Vec<i32>, name: String| {
+                checked += 1;
                 if !documented.contains(&path) {
                     undocumented.push(name);
                 }
             };
+            let index = |i: usize| i32::try_from(i).unwrap_or(i32::MAX);
+            // Paths follow FileDescriptorProto's field numbers: message_type = 4,
+            // enum_type = 5, service = 6, extension = 7; within a message field = 2 and
+            // oneof_decl = 8; within an enum or a service value/method = 2.
             for (i, message) in proto.message_type.iter().enumerate() {
-                let base = vec![4, i as i32];
-                require(
-                    base.clone(),
-                    format!("{}.{}", proto.package(), message.name()),
-                );
+                let base = vec![4, index(i)];
+                let name = format!("{}.{}", proto.package(), message.name());
+                require(base.clone(), name.clone());
                 for (j, field) in message.field.iter().enumerate() {
-                    let path = [base.clone(), vec![2, j as i32]].concat();
                     require(
-                        path,
-                        format!("{}.{}.{}", proto.package(), message.name(), field.name()),
+                        [base.clone(), vec![2, index(j)]].concat(),
+                        format!("{name}.{}", field.name()),
+                    );
+                }
+                for (j, oneof) in message.oneof_decl.iter().enumerate() {
+                    require(
+                        [base.clone(), vec![8, index(j)]].concat(),
+                        format!("{name}.{} (oneof)", oneof.name()),
                     );
                 }
                 assert!(
@@ -261,58 +381,96 @@ mod tests {
                         .nested_type
                         .iter()
                         .all(|n| n.options.as_ref().is_some_and(|o| o.map_entry())),
-                    "nested messages are not used"
+                    "{name}: nested messages are not used"
                 );
-                assert!(message.enum_type.is_empty(), "nested enums are not used");
+                assert!(
+                    message.enum_type.is_empty(),
+                    "{name}: nested enums are not used"
+                );
             }
             for (i, enumeration) in proto.enum_type.iter().enumerate() {
-                let base = vec![5, i as i32];
+                let base = vec![5, index(i)];
                 require(
                     base.clone(),
                     format!("{}.{}", proto.package(), enumeration.name()),
                 );
                 for (j, value) in enumeration.value.iter().enumerate() {
                     require(
-                        [base.clone(), vec![2, j as i32]].concat(),
+                        [base.clone(), vec![2, index(j)]].concat(),
                         value.name().to_owned(),
                     );
                 }
             }
             for (i, service) in proto.service.iter().enumerate() {
-                let base = vec![6, i as i32];
+                let base = vec![6, index(i)];
                 require(
                     base.clone(),
                     format!("{}.{}", proto.package(), service.name()),
                 );
                 for (j, method) in service.method.iter().enumerate() {
                     require(
-                        [base.clone(), vec![2, j as i32]].concat(),
+                        [base.clone(), vec![2, index(j)]].concat(),
                         format!("{}/{}", service.name(), method.name()),
                     );
                 }
             }
             for (i, extension) in proto.extension.iter().enumerate() {
-                require(vec![7, i as i32], extension.name().to_owned());
+                require(vec![7, index(i)], extension.name().to_owned());
             }
         }
+        assert!(checked > 300, "only {checked} elements checked");
         assert!(undocumented.is_empty(), "undocumented: {undocumented:?}");
     }
 
     #[test]
     fn every_paysuite_service_is_listed() {
         let names = paysuite_service_names();
-        for expected in [
-            "paysuite.payments.v1.PaymentService",
-            "paysuite.payments.v1.PaymentAdminService",
-            "paysuite.ratelimit.v1.RateLimitService",
-            "paysuite.gateway.v1.GatewayAdminService",
+        let expected = [
             "paysuite.acquirer.v1.AcquirerService",
             "paysuite.acquirer.v1.SandboxControlService",
-        ] {
-            assert!(
-                names.iter().any(|n| n == expected),
-                "{expected} missing from {names:?}"
-            );
+            "paysuite.gateway.v1.GatewayAdminService",
+            "paysuite.payments.v1.PaymentAdminService",
+            "paysuite.payments.v1.PaymentService",
+            "paysuite.ratelimit.v1.RateLimitService",
+        ];
+        let listed: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(listed, BTreeSet::from(expected));
+        assert_eq!(names.len(), expected.len(), "no duplicates");
+    }
+
+    /// The embedded set carries what reflection needs: every import (so a client can
+    /// resolve every type) and the comments.
+    #[test]
+    fn the_descriptor_set_is_self_contained_and_keeps_comments() {
+        let pool = descriptor_pool();
+        for file in pool.files() {
+            for dependency in file.dependencies() {
+                assert!(
+                    pool.get_file_by_name(dependency.name()).is_some(),
+                    "{}: import {} missing",
+                    file.name(),
+                    dependency.name()
+                );
+            }
         }
+        let service = pool.get_service_by_name("paysuite.payments.v1.PaymentService");
+        let comments = service
+            .as_ref()
+            .and_then(|s| {
+                s.parent_file()
+                    .file_descriptor_proto()
+                    .source_code_info
+                    .clone()
+            })
+            .map(|info| info.location.len());
+        assert!(comments.is_some_and(|n| n > 0), "source info stripped");
+    }
+
+    /// Generated maps are BTreeMaps, so encoded bytes are deterministic (idempotent
+    /// replays and fingerprints depend on it).
+    #[test]
+    fn generated_maps_are_ordered() {
+        let payment = crate::payments::v1::Payment::default();
+        let _: &std::collections::BTreeMap<String, String> = &payment.metadata;
     }
 }

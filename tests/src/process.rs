@@ -211,6 +211,8 @@ pub async fn run_to_exit(
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
+        // Tests bind only to loopback, on a port the kernel picks.
+        .env("LISTEN_ADDR", "127.0.0.1:0")
         .envs(crate::identity::service_env())
         .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
