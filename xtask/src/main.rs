@@ -5,13 +5,25 @@
 //! - `test`: the same provisioning, then every check CI runs (`.ci/run` calls this).
 //! - `token`: an identity token signed with the development key, for grpcurl.
 //!
-//! Modules: [`tools`] installs what is missing, [`postgres`] and [`redis`] run throwaway
-//! servers, [`up`] and [`test`] are the commands.
+//! Modules:
+//! - [`tools`] finds or installs what the commands run (apt, pip, npm);
+//! - [`postgres`] and [`redis`] provision a throwaway server (or take one from the
+//!   environment) behind a guard that stops it on drop;
+//! - [`ports`] finds free ports and refuses busy ones;
+//! - [`process`] runs child processes: named steps, signal forwarding, bounded stops;
+//! - [`identity`] keeps the development keys `up` hands to the services;
+//! - [`up`] and [`test`] are the commands.
+//!
+//! Teardown rides on `Drop`: every server or service xtask starts is owned by a guard, and
+//! commands return errors instead of exiting, so guards run on success, on failure and after
+//! Ctrl-C or SIGTERM (which only raise [`Interrupted`]; the commands notice and unwind).
 
 #![allow(clippy::print_stdout)]
 
 mod identity;
+mod ports;
 mod postgres;
+mod process;
 mod redis;
 mod test;
 mod tools;
@@ -34,14 +46,25 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Start PostgreSQL, Redis and the three services; print grpcurl commands; Ctrl-C stops all.
-    Up,
-    /// Run fmt, clippy, buf lint and every test against throwaway PostgreSQL and Redis.
     ///
-    /// With FILTER arguments only matching tests run (passed to nextest) and the static
-    /// checks (fmt, clippy, buf lint) are skipped.
+    /// Uses DATABASE_URL (a superuser) and REDIS_URL instead of starting servers when set.
+    /// Service logs go to .paysuite/up/ in the workspace.
+    Up,
+    /// What CI runs: rustfmt, clippy, buf lint, then every test against throwaway
+    /// PostgreSQL and Redis (or DATABASE_URL, a superuser, and REDIS_URL when set).
+    ///
+    /// With arguments, only the tests they select run and the static checks (rustfmt,
+    /// clippy, buf lint) are skipped. The arguments go to `cargo nextest run` as they are:
+    /// `cargo xtask test ledger` runs tests whose name contains "ledger";
+    /// `cargo xtask test -- -E 'test(/spawned/)' --no-capture` passes nextest options.
     Test {
-        /// nextest filters (test name substrings).
-        filter: Vec<String>,
+        /// Test-name filters and nextest options, passed through to `cargo nextest run`.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "NEXTEST_ARGS"
+        )]
+        nextest_args: Vec<String>,
     },
     /// Print an identity token signed with the development key (what `up` trusts), for
     /// `grpcurl -H "x-paysuite-identity: $(cargo xtask token …)"` straight to a service.
@@ -63,18 +86,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        // Children get the same SIGINT from the terminal; xtask itself only notes it, so
-        // that its guards can stop the servers it started.
-        let interrupted = Arc::clone(&interrupted);
-        if let Err(err) = ctrlc::set_handler(move || interrupted.store(true, Ordering::SeqCst)) {
-            eprintln!("xtask: cannot install the Ctrl-C handler: {err}");
-        }
-    }
+    let interrupted = Interrupted::install();
     let result = match cli.command {
         Command::Up => up::run(&interrupted),
-        Command::Test { filter } => test::run(&filter, &interrupted),
+        Command::Test { nextest_args } => test::run(&nextest_args, &interrupted),
         Command::Token {
             principal,
             scopes,
@@ -82,12 +97,48 @@ fn main() -> ExitCode {
             ttl,
         } => identity::print_token(&principal, &scopes, &audience, &ttl),
     };
+    // Every guard has dropped by now: the servers are stopped and temp dirs removed.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("xtask: {err:#}");
+            eprintln!("xtask: error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Set once SIGINT, SIGTERM or SIGHUP arrives. xtask does not die of those signals: it
+/// stops what it started and then exits non-zero.
+#[derive(Debug, Clone)]
+pub struct Interrupted(Arc<AtomicBool>);
+
+impl Interrupted {
+    fn install() -> Self {
+        let flag = Arc::new(AtomicBool::new(false));
+        let handler_flag = Arc::clone(&flag);
+        let installed = ctrlc::set_handler(move || {
+            if !handler_flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\nxtask: interrupted, stopping what was started");
+            }
+        });
+        if let Err(err) = installed {
+            eprintln!("xtask: cannot install the Ctrl-C handler: {err}");
+        }
+        Self(flag)
+    }
+
+    /// Whether a stop signal has arrived.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Fails with "interrupted" once a stop signal has arrived, so commands unwind
+    /// (dropping their guards) between phases.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.is_set() {
+            anyhow::bail!("interrupted");
+        }
+        Ok(())
     }
 }
 
@@ -100,14 +151,19 @@ fn workspace_root() -> PathBuf {
         .unwrap_or(manifest_dir)
 }
 
-/// Where cargo puts build output.
+/// Where cargo puts build output: `CARGO_TARGET_DIR` (made absolute, as cargo resolves it
+/// against the directory cargo was started in) or `<workspace>/target`.
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            std::path::absolute(&dir).unwrap_or(dir)
+        }
+        _ => workspace_root().join("target"),
+    }
 }
 
-/// A random hex string from the kernel's CSPRNG, for throwaway passwords.
+/// A random hex string from the kernel's CSPRNG, for throwaway passwords and names.
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
     use std::io::Read as _;
     let mut buf = vec![0u8; bytes];
@@ -115,9 +171,35 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on right now.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Cli, Command};
+
+    fn nextest_args(args: &[&str]) -> anyhow::Result<Vec<String>> {
+        match Cli::try_parse_from(args)?.command {
+            Command::Test { nextest_args } => Ok(nextest_args),
+            other => anyhow::bail!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_arguments_pass_through_to_nextest() -> anyhow::Result<()> {
+        assert!(nextest_args(&["xtask", "test"])?.is_empty());
+        assert_eq!(nextest_args(&["xtask", "test", "ledger"])?, ["ledger"]);
+        assert_eq!(
+            nextest_args(&["xtask", "test", "--", "-E", "test(/spawned/)"])?,
+            ["-E", "test(/spawned/)"]
+        );
+        assert_eq!(
+            nextest_args(&["xtask", "test", "ledger", "--no-capture"])?,
+            ["ledger", "--no-capture"]
+        );
+        assert_eq!(
+            nextest_args(&["xtask", "test", "-E", "test(x)"])?,
+            ["-E", "test(x)"]
+        );
+        Ok(())
+    }
 }

@@ -1,162 +1,179 @@
-//! A throwaway PostgreSQL cluster on a free port of 127.0.0.1, or an existing server
-//! named by `DATABASE_URL`.
+//! A throwaway PostgreSQL cluster on a free port of 127.0.0.1, or the server named by
+//! `DATABASE_URL`.
 //!
 //! PostgreSQL refuses to run as root, so as root the cluster runs as the `postgres` user
-//! with its data under /tmp (a place that user can reach). The cluster is tuned for tests
-//! (no fsync) and removed, data and all, when the guard drops.
+//! (through `runuser`) with its files under /tmp, where that user can reach them (not under
+//! /root, nor under a `TMPDIR` that may point there). The superuser gets a generated
+//! password and scram-sha-256 authentication; the server listens on 127.0.0.1 only, keeps
+//! its Unix socket inside the data directory, and trades durability for speed
+//! (fsync, synchronous_commit and full_page_writes off). [`Cluster`] stops the server
+//! (`pg_ctl stop -m immediate`) and removes every file when it drops, also when the start
+//! failed halfway.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use crate::{free_port, random_hex};
+use crate::process::{run_captured, tail};
+use crate::{Interrupted, ports, random_hex, tools};
 
-/// A PostgreSQL server the commands can use; stopped on drop if we started it.
+/// A PostgreSQL server the commands can use; stopped and deleted on drop if xtask
+/// started it.
 #[derive(Debug)]
 pub struct Postgres {
     superuser_url: String,
     host: String,
     port: u16,
-    psql: PathBuf,
-    owned: Option<OwnedCluster>,
-}
-
-#[derive(Debug)]
-struct OwnedCluster {
-    base_dir: PathBuf,
-    pg_ctl: PathBuf,
-    run_as_postgres: bool,
+    /// Declared last so it drops last (it owns the server the fields above point to).
+    cluster: Option<Cluster>,
 }
 
 impl Postgres {
-    /// Uses `DATABASE_URL` when set, otherwise starts a throwaway cluster.
-    pub fn provision(bin_dir: &Path) -> anyhow::Result<Self> {
-        let psql = bin_dir.join("psql");
-        if let Ok(url) = std::env::var("DATABASE_URL") {
-            println!("xtask: using PostgreSQL from DATABASE_URL");
-            let parsed = Url::parse(&url)?;
-            return Ok(Self {
-                superuser_url: url,
-                host: parsed.host,
-                port: parsed.port,
-                psql,
-                owned: None,
-            });
+    /// Uses `DATABASE_URL` (which must be a superuser URL) when set, otherwise starts a
+    /// throwaway cluster, installing PostgreSQL when missing.
+    pub fn provision(interrupted: &Interrupted) -> anyhow::Result<Self> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => {
+                let (host, port) = host_and_port(&url)?;
+                println!("xtask: using PostgreSQL from DATABASE_URL ({host}:{port})");
+                Ok(Self {
+                    superuser_url: url,
+                    host,
+                    port,
+                    cluster: None,
+                })
+            }
+            _ => {
+                let bin_dir = tools::postgres_bin(interrupted)?;
+                Self::start(&bin_dir).context("starting a throwaway PostgreSQL")
+            }
         }
-        Self::start(bin_dir)
     }
 
     fn start(bin_dir: &Path) -> anyhow::Result<Self> {
-        let run_as_postgres = nix::unistd::geteuid().is_root();
-        let base_dir = std::env::temp_dir().join(format!(
+        let as_postgres_user = nix::unistd::geteuid().is_root();
+        let base_dir = if as_postgres_user {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        }
+        .join(format!(
             "paysuite-pg-{}-{}",
             std::process::id(),
             random_hex(4)?
         ));
-        let data_dir = base_dir.join("data");
-        std::fs::create_dir_all(&base_dir)?;
-        let password = random_hex(16)?;
-        let password_file = base_dir.join("pwfile");
-        std::fs::write(&password_file, format!("{password}\n"))?;
-        let owned = OwnedCluster {
-            base_dir: base_dir.clone(),
-            pg_ctl: bin_dir.join("pg_ctl"),
-            run_as_postgres,
+        create_private_dir(&base_dir)?;
+        // From here on the guard removes `base_dir` whatever happens next.
+        let mut cluster = Cluster {
+            data_dir: base_dir.join("data"),
+            log: base_dir.join("postgres.log"),
+            base_dir,
+            bin_dir: bin_dir.to_owned(),
+            as_postgres_user,
+            started: false,
         };
-        if run_as_postgres {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&base_dir)
-                .status()?;
-            if !status.success() {
-                bail!("chown of {} to postgres failed", base_dir.display());
-            }
+        if as_postgres_user {
+            give_to_postgres_user(&cluster.base_dir)?;
         }
-        let port = free_port()?;
-        owned.run(
-            Command::new(bin_dir.join("initdb"))
-                .arg("-D")
-                .arg(&data_dir)
-                .args([
-                    "-U",
-                    "postgres",
-                    "--auth=scram-sha-256",
-                    "-E",
-                    "UTF8",
-                    "--no-locale",
-                    "--no-sync",
-                ])
-                .arg(format!("--pwfile={}", password_file.display())),
-            "initdb",
-        )?;
+
+        let password = random_hex(16)?;
+        let password_file = cluster.base_dir.join("superuser-password");
+        write_private(&password_file, &format!("{password}\n"))?;
+        if as_postgres_user {
+            give_to_postgres_user(&password_file)?;
+        }
+        let mut initdb = cluster.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&cluster.data_dir)
+            .args([
+                "--username=postgres",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", password_file.display()));
+        run_captured(initdb, "initdb")?;
+        std::fs::remove_file(&password_file)
+            .with_context(|| format!("removing {}", password_file.display()))?;
+
+        let port = ports::free_port()?;
         let server_options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=300 -c shared_buffers=128MB",
-            base_dir.display()
+            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={socket_dir} \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c max_connections=300 -c shared_buffers=128MB",
+            socket_dir = cluster.data_dir.display()
         );
-        owned.run(
-            Command::new(&owned.pg_ctl)
-                .arg("-D")
-                .arg(&data_dir)
-                .arg("-l")
-                .arg(base_dir.join("postgres.log"))
-                .args(["-o", &server_options, "-w", "-t", "60", "start"]),
-            "pg_ctl start",
-        )?;
+        let mut pg_ctl = cluster.command("pg_ctl");
+        pg_ctl
+            .arg("-D")
+            .arg(&cluster.data_dir)
+            .arg("-l")
+            .arg(&cluster.log)
+            .args(["-o", &server_options, "-w", "-t", "60", "start"]);
+        // A failed start may still leave a postmaster behind: the guard stops it.
+        cluster.started = true;
+        run_captured(pg_ctl, "pg_ctl start").with_context(|| tail(&cluster.log, 20))?;
         println!(
-            "xtask: PostgreSQL running on 127.0.0.1:{port} (data in {})",
-            data_dir.display()
+            "xtask: PostgreSQL running on 127.0.0.1:{port} (files in {})",
+            cluster.base_dir.display()
         );
         Ok(Self {
             superuser_url: format!("postgres://postgres:{password}@127.0.0.1:{port}/postgres"),
             host: "127.0.0.1".to_owned(),
             port,
-            psql: bin_dir.join("psql"),
-            owned: Some(owned),
+            cluster: Some(cluster),
         })
     }
 
-    /// A superuser URL (`postgres` database).
+    /// A superuser URL (database `postgres`).
     pub fn superuser_url(&self) -> &str {
         &self.superuser_url
     }
 
-    /// The URL of `role` with `password` on `database`.
+    /// The URL of `role` with `password` on `database`, on this server.
     pub fn url_for(&self, role: &str, password: &str, database: &str) -> String {
+        let host = if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         format!(
-            "postgres://{role}:{password}@{}:{}/{database}",
-            self.host, self.port
+            "postgres://{role}:{password}@{host}:{}/{database}",
+            self.port
         )
     }
 
-    /// Runs a SQL script (psql meta-commands allowed) as the superuser, stopping at the
-    /// first error.
-    pub fn psql(&self, script: &str) -> anyhow::Result<()> {
+    /// Runs a SQL script (psql meta-commands such as `\gexec` allowed) as the superuser,
+    /// stopping at the first error.
+    pub fn psql(&self, script: &str, interrupted: &Interrupted) -> anyhow::Result<()> {
         use std::io::Write as _;
-        let mut child = Command::new(&self.psql)
-            .args([
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-q",
-                "-X",
-                "-d",
-                &self.superuser_url,
-                "-f",
-                "-",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+        let psql = match &self.cluster {
+            Some(cluster) => cluster.bin_dir.join("psql"),
+            None => tools::postgres_bin(interrupted)?.join("psql"),
+        };
+        let mut child = Command::new(&psql)
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-X", "-d"])
+            .arg(&self.superuser_url)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
-            .context("running psql")?;
+            .with_context(|| format!("starting {}", psql.display()))?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(script.as_bytes())?;
+            stdin
+                .write_all(script.as_bytes())
+                .context("writing to psql")?;
         }
-        let output = child.wait_with_output()?;
+        let output = child.wait_with_output().context("waiting for psql")?;
         if !output.status.success() {
             bail!(
-                "psql failed: {}",
+                "psql failed ({}): {}",
+                output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
@@ -164,82 +181,133 @@ impl Postgres {
     }
 }
 
-impl OwnedCluster {
-    fn run(&self, command: &mut Command, what: &str) -> anyhow::Result<()> {
-        let command = if self.run_as_postgres {
-            let mut wrapped = Command::new("runuser");
-            wrapped
-                .args(["-u", "postgres", "--"])
-                .arg(command.get_program())
-                .args(command.get_args());
-            wrapped
+/// A cluster xtask created: its files, and whether a server may be running on them.
+#[derive(Debug)]
+struct Cluster {
+    base_dir: PathBuf,
+    data_dir: PathBuf,
+    log: PathBuf,
+    bin_dir: PathBuf,
+    as_postgres_user: bool,
+    started: bool,
+}
+
+impl Cluster {
+    /// A PostgreSQL program, run as the `postgres` user when xtask runs as root. It runs
+    /// in its own process group: a terminal's Ctrl-C must not cut `initdb` or `pg_ctl`
+    /// short (a half-started server could escape the guard); xtask notices the signal
+    /// once they return.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin_dir.join(program);
+        let mut command = if self.as_postgres_user {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
         } else {
-            std::mem::replace(command, Command::new("true"))
+            Command::new(program)
         };
-        run_quiet(command, what)
+        command.process_group(0);
+        command
     }
 }
 
-fn run_quiet(mut command: Command, what: &str) -> anyhow::Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {what}"))?;
-    if !output.status.success() {
-        bail!(
-            "{what} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout).trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-impl Drop for Postgres {
+impl Drop for Cluster {
     fn drop(&mut self) {
-        if let Some(owned) = self.owned.take() {
-            let data_dir = owned.base_dir.join("data");
-            let stopped = owned.run(
-                Command::new(&owned.pg_ctl).arg("-D").arg(&data_dir).args([
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ]),
-                "pg_ctl stop",
-            );
-            if let Err(err) = stopped {
-                eprintln!("xtask: {err:#}");
+        if self.started && self.data_dir.join("postmaster.pid").exists() {
+            let mut pg_ctl = self.command("pg_ctl");
+            pg_ctl.arg("-D").arg(&self.data_dir).args([
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ]);
+            match run_captured(pg_ctl, "pg_ctl stop") {
+                Ok(_) => println!("xtask: PostgreSQL stopped"),
+                Err(err) => eprintln!("xtask: {err:#}"),
             }
-            if let Err(err) = std::fs::remove_dir_all(&owned.base_dir) {
-                eprintln!("xtask: removing {}: {err}", owned.base_dir.display());
-            }
-            println!("xtask: PostgreSQL stopped");
+        }
+        // A cluster that held many test databases takes a few seconds to delete.
+        match std::fs::remove_dir_all(&self.base_dir) {
+            Ok(()) => println!("xtask: removed {}", self.base_dir.display()),
+            Err(err) => eprintln!("xtask: removing {}: {err}", self.base_dir.display()),
         }
     }
 }
 
-/// The host and port of a `postgres://` URL (enough to build sibling URLs).
-struct Url {
-    host: String,
-    port: u16,
+/// Creates `dir` readable by its owner only (it will hold the cluster and its password).
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
-impl Url {
-    fn parse(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .split_once("://")
-            .map(|(_, rest)| rest)
-            .context("DATABASE_URL is not a URL")?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-        let (host, port) = match host_port.rsplit_once(':') {
-            Some((host, port)) => (host, port.parse().context("DATABASE_URL port")?),
-            None => (host_port, 5432),
-        };
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn give_to_postgres_user(path: &Path) -> anyhow::Result<()> {
+    let user = nix::unistd::User::from_name("postgres")
+        .context("looking up the postgres user")?
+        .context("no `postgres` user: is the postgresql package installed?")?;
+    std::os::unix::fs::chown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+        .with_context(|| format!("chown postgres {}", path.display()))
+}
+
+/// The host and port of a `postgres://` URL (enough to build sibling URLs).
+fn host_and_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .context("DATABASE_URL is not a postgres:// URL")?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) if !port.ends_with(']') => {
+            (host, port.parse().context("DATABASE_URL has a bad port")?)
+        }
+        _ => (host_port, 5432),
+    };
+    if host.is_empty() {
+        bail!("DATABASE_URL names no host");
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_and_port;
+
+    #[test]
+    fn host_and_port_of_urls() -> anyhow::Result<()> {
+        assert_eq!(
+            host_and_port("postgres://u:p@db.example:6543/x?sslmode=require")?,
+            ("db.example".to_owned(), 6543)
+        );
+        assert_eq!(
+            host_and_port("postgres://localhost/x")?,
+            ("localhost".to_owned(), 5432)
+        );
+        assert_eq!(
+            host_and_port("postgresql://u@[::1]:5433/x")?,
+            ("[::1]".to_owned(), 5433)
+        );
+        assert_eq!(
+            host_and_port("postgres://[::1]/x")?,
+            ("[::1]".to_owned(), 5432)
+        );
+        assert!(host_and_port("not a url").is_err());
+        Ok(())
     }
 }

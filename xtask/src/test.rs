@@ -1,52 +1,54 @@
-//! `cargo xtask test`: what CI runs. Static checks first (cheap failures early), then
-//! the service binaries, then every test against throwaway PostgreSQL and Redis.
+//! `cargo xtask test`: what CI runs (`.ci/run`).
+//!
+//! Order: tools; static checks, cheapest first (rustfmt, clippy, one version of each core
+//! crate, buf lint, Kubernetes manifests); the service binaries (tests spawn them); then
+//! PostgreSQL and Redis, and every test under nextest. The first failing step stops the run
+//! and is named in the error; the servers stop on the way out whatever happened.
+//!
+//! The tests find what they need in the environment ([`ENV_PG_URL`] and friends; the
+//! `tests` crate reads the same names).
 
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 
+use crate::Interrupted;
 use crate::postgres::Postgres;
+use crate::process::{cargo, step};
 use crate::redis::Redis;
-use crate::tools::Tools;
-use crate::{target_dir, workspace_root};
+use crate::{target_dir, tools, workspace_root};
 
-/// Runs the checks; `filter` (nextest filters) narrows the tests and skips static checks.
-pub fn run(filter: &[String], interrupted: &AtomicBool) -> anyhow::Result<()> {
-    let tools = Tools::ensure(&target_dir().join("tools"), true)?;
-    if filter.is_empty() {
-        step(
-            "rustfmt",
-            cargo(&["fmt", "--all", "--", "--check"]),
-            interrupted,
-        )?;
-        step(
-            "clippy",
-            cargo(&[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--locked",
-                "--",
-                "-D",
-                "warnings",
-            ]),
-            interrupted,
-        )?;
-        check_no_duplicate_core_dependencies()?;
-        let mut buf = Command::new(&tools.buf);
-        buf.arg("lint").current_dir(workspace_root());
-        step("buf lint", buf, interrupted)?;
+/// A superuser URL of the PostgreSQL the tests may use (each test creates its own database).
+pub const ENV_PG_URL: &str = "PAYSUITE_TEST_PG_URL";
+/// The Redis the tests may use (each test uses its own key prefix).
+pub const ENV_REDIS_URL: &str = "PAYSUITE_TEST_REDIS_URL";
+/// The absolute path of the grpcurl binary.
+pub const ENV_GRPCURL: &str = "PAYSUITE_GRPCURL";
+/// The absolute path of the directory holding the freshly built service binaries.
+pub const ENV_BIN_DIR: &str = "PAYSUITE_BIN_DIR";
+
+/// Runs every check. Non-empty `nextest_args` select tests (passed to `cargo nextest run`)
+/// and skip the static checks.
+pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result<()> {
+    let grpcurl = tools::grpcurl(interrupted)?;
+    if nextest_args.is_empty() {
+        static_checks(interrupted)?;
+    } else {
+        println!("xtask: test arguments given, skipping rustfmt, clippy and buf lint");
     }
+
     // Tests spawn the service binaries from target/debug.
     step(
-        "build binaries",
+        "cargo build",
         cargo(&["build", "--workspace", "--bins", "--locked"]),
         interrupted,
     )?;
 
-    let postgres = Postgres::provision(&tools.postgres_bin)?;
-    let redis = Redis::provision(&tools.redis_server)?;
+    let postgres = Postgres::provision(interrupted).context("step `provision PostgreSQL`")?;
+    interrupted.check()?;
+    let redis = Redis::provision(interrupted).context("step `provision Redis`")?;
+    interrupted.check()?;
+
     let mut nextest = cargo(&[
         "nextest",
         "run",
@@ -55,15 +57,61 @@ pub fn run(filter: &[String], interrupted: &AtomicBool) -> anyhow::Result<()> {
         "--no-fail-fast",
     ]);
     nextest
-        .args(filter)
-        .env("PAYSUITE_TEST_PG_URL", postgres.superuser_url())
-        .env("PAYSUITE_TEST_REDIS_URL", redis.url())
-        .env("PAYSUITE_GRPCURL", &tools.grpcurl)
-        .env("PAYSUITE_BIN_DIR", target_dir().join("debug"));
-    step("tests", nextest, interrupted)?;
+        .args(nextest_args)
+        .env(ENV_PG_URL, postgres.superuser_url())
+        .env(ENV_REDIS_URL, redis.url())
+        .env(ENV_GRPCURL, &grpcurl)
+        .env(ENV_BIN_DIR, target_dir().join("debug"));
+    step("cargo nextest", nextest, interrupted)?;
 
-    // Kubernetes manifest validation joins here once k8s/ holds manifests.
     println!("xtask: all checks passed");
+    Ok(())
+    // `redis` and then `postgres` drop here (and on every early return above).
+}
+
+/// The checks that need no servers, cheapest first.
+fn static_checks(interrupted: &Interrupted) -> anyhow::Result<()> {
+    step(
+        "cargo fmt --check",
+        cargo(&["fmt", "--all", "--", "--check"]),
+        interrupted,
+    )?;
+    step(
+        "cargo clippy",
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        interrupted,
+    )?;
+    check_no_duplicate_core_dependencies(interrupted)
+        .context("step `one version of each core crate`")?;
+    let mut buf = std::process::Command::new(tools::buf(interrupted)?);
+    buf.arg("lint").current_dir(workspace_root());
+    step("buf lint", buf, interrupted)?;
+    validate_manifests(&workspace_root().join("k8s"))
+}
+
+/// Kubernetes manifest validation (DESIGN §8: `kubectl kustomize`, `kubernetes-validate
+/// --strict`, checkov). Not wired yet: k8s/ has no manifests. When it gets them, this
+/// renders every overlay and validates the output here, installing the tools like
+/// [`tools`] does.
+fn validate_manifests(k8s_dir: &Path) -> anyhow::Result<()> {
+    let has_manifests = std::fs::read_dir(k8s_dir).is_ok_and(|mut entries| {
+        entries.any(|entry| entry.is_ok_and(|entry| entry.file_name() != ".gitkeep"))
+    });
+    if has_manifests {
+        println!(
+            "xtask: WARNING: {} holds files but `cargo xtask test` does not validate manifests \
+             yet (xtask/src/test.rs, validate_manifests)",
+            k8s_dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -82,8 +130,9 @@ const SINGLE_VERSION: &[&str] = &[
 ];
 
 /// Fails when `cargo tree -d` shows a second version of a [`SINGLE_VERSION`] crate family.
-fn check_no_duplicate_core_dependencies() -> anyhow::Result<()> {
-    println!("xtask: ── duplicate core dependencies");
+fn check_no_duplicate_core_dependencies(interrupted: &Interrupted) -> anyhow::Result<()> {
+    interrupted.check()?;
+    println!("xtask: ── one version of each core crate");
     let output = cargo(&[
         "tree",
         "--workspace",
@@ -123,28 +172,6 @@ fn check_no_duplicate_core_dependencies() -> anyhow::Result<()> {
         .collect();
     if !duplicated.is_empty() {
         bail!("several versions linked of: {}", duplicated.join(", "));
-    }
-    Ok(())
-}
-
-/// `cargo <args>` in the workspace root.
-pub fn cargo(args: &[&str]) -> Command {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.args(args).current_dir(workspace_root());
-    command
-}
-
-/// Runs one named step with inherited output; fails naming the step.
-pub fn step(name: &str, mut command: Command, interrupted: &AtomicBool) -> anyhow::Result<()> {
-    println!("xtask: ── {name}");
-    let status = command
-        .status()
-        .with_context(|| format!("{name}: cannot start"))?;
-    if interrupted.load(Ordering::SeqCst) {
-        bail!("{name}: interrupted");
-    }
-    if !status.success() {
-        bail!("{name} failed ({status})");
     }
     Ok(())
 }

