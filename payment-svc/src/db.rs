@@ -33,6 +33,7 @@ pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[
     ("cards", "SELECT, INSERT, UPDATE"),
     ("payments", "SELECT, INSERT, UPDATE"),
     ("attempts", "SELECT, INSERT, UPDATE"),
+    ("refunds", "SELECT, INSERT, UPDATE"),
 ];
 
 /// A database failure at start-up or in a migration.

@@ -30,6 +30,9 @@ pub enum Error {
     /// A request with this idempotency key is still being processed.
     #[error("a request with this idempotency key is in progress")]
     IdempotencyKeyInUse,
+    /// A dependency (the acquirer) could not do the work; nothing was done.
+    #[error("{0}")]
+    Unavailable(String),
     /// Every pooled connection is busy.
     #[error("database busy: no connection available")]
     PoolExhausted,
@@ -120,7 +123,9 @@ impl From<Error> for Status {
                     .set_retry_info(Some(std::time::Duration::from_millis(500)));
                 Status::with_error_details(Code::Aborted, err.to_string(), details)
             }
-            Error::PoolExhausted | Error::Contention { .. } => Status::unavailable(err.to_string()),
+            Error::Unavailable(_) | Error::PoolExhausted | Error::Contention { .. } => {
+                Status::unavailable(err.to_string())
+            }
             Error::Database(_) | Error::Internal(_) => {
                 let request_id = uuid::Uuid::new_v4();
                 tracing::error!(%request_id, error = %err, "internal error");

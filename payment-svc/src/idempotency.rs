@@ -128,38 +128,14 @@ where
         }
         Err(err) if err.is_business_outcome() => {
             savepoint.rollback().await?;
-            let status = tonic::Status::from(err);
-            Stored::Refusal {
-                code: status.code() as i32,
-                message: status.message().to_owned(),
-                details: status.details().to_vec(),
-            }
+            refusal(err)
         }
         Err(err) => {
             // Not stored: dropping the transaction rolls back the claim too.
             return Err(err);
         }
     };
-    let (code, body, details): (i32, &[u8], Option<&[u8]>) = match &stored {
-        Stored::Response(body) => (Code::Ok as i32, body, None),
-        Stored::Refusal {
-            code,
-            message,
-            details,
-        } => (*code, message.as_bytes(), Some(details)),
-    };
-    sqlx::query(
-        "UPDATE idempotency_keys SET recovery_point = 'finished', response_code = $4, response_body = $5, \
-         response_details = $6, updated_at = now() WHERE owner_id = $1 AND method = $2 AND key = $3",
-    )
-    .bind(claim.owner_id)
-    .bind(claim.method)
-    .bind(claim.key.as_str())
-    .bind(code)
-    .bind(body)
-    .bind(details)
-    .execute(&mut *transaction)
-    .await?;
+    finish(&mut transaction, claim, &stored).await?;
     transaction.commit().await?;
     Ok(Outcome {
         stored,
@@ -222,8 +198,8 @@ pub enum Claimed {
     Resume {
         /// The last completed phase.
         recovery_point: String,
-        /// The payment that request created, if it got that far.
-        payment_id: Option<String>,
+        /// What that request created (a payment, an attempt), if it got that far.
+        resource_id: Option<String>,
     },
     /// The request finished before: replay its answer.
     Done(Outcome),
@@ -257,7 +233,7 @@ pub async fn claim_leased(
         return Ok(Claimed::New);
     }
     let row = sqlx::query(
-        "SELECT fingerprint, recovery_point, payment_id, coalesce(locked_until > now(), false) AS locked \
+        "SELECT fingerprint, recovery_point, resource_id, coalesce(locked_until > now(), false) AS locked \
          FROM idempotency_keys WHERE owner_id = $1 AND method = $2 AND key = $3 FOR UPDATE",
     )
     .bind(claim.owner_id)
@@ -291,7 +267,7 @@ pub async fn claim_leased(
     transaction.commit().await?;
     Ok(Claimed::Resume {
         recovery_point,
-        payment_id: row.try_get("payment_id")?,
+        resource_id: row.try_get("resource_id")?,
     })
 }
 
@@ -300,17 +276,17 @@ pub async fn advance(
     connection: &mut PgConnection,
     claim: &Claim<'_>,
     recovery_point: &str,
-    payment_id: Option<&str>,
+    resource_id: Option<&str>,
 ) -> Result<(), Error> {
     sqlx::query(
-        "UPDATE idempotency_keys SET recovery_point = $4, payment_id = coalesce($5, payment_id), updated_at = now() \
+        "UPDATE idempotency_keys SET recovery_point = $4, resource_id = coalesce($5, resource_id), updated_at = now() \
          WHERE owner_id = $1 AND method = $2 AND key = $3",
     )
     .bind(claim.owner_id)
     .bind(claim.method)
     .bind(claim.key.as_str())
     .bind(recovery_point)
-    .bind(payment_id)
+    .bind(resource_id)
     .execute(connection)
     .await?;
     Ok(())
@@ -372,6 +348,18 @@ pub async fn release(pool: &PgPool, claim: &Claim<'_>) -> Result<(), Error> {
     .bind(claim.key.as_str())
     .execute(pool)
     .await?;
+    Ok(())
+}
+
+/// Forgets a key in the transaction that undid its request's effects (the acquirer did
+/// nothing and the request's state changes were reverted): a retry runs afresh.
+pub async fn forget(connection: &mut PgConnection, claim: &Claim<'_>) -> Result<(), Error> {
+    sqlx::query("DELETE FROM idempotency_keys WHERE owner_id = $1 AND method = $2 AND key = $3")
+        .bind(claim.owner_id)
+        .bind(claim.method)
+        .bind(claim.key.as_str())
+        .execute(connection)
+        .await?;
     Ok(())
 }
 

@@ -24,7 +24,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire as _, PgConnection, PgPool, Row};
 
-use crate::acquirer::{Acquirer, AcquirerError, AuthorizeRequest, Operation, OperationStatus};
+mod followup;
+
+pub use followup::{Action, EncodeFollowUp, FollowUp, Refund, RefundStatus, get_refund};
+
+use crate::acquirer::{
+    Acquirer, AcquirerError, AuthorizeRequest, Operation, OperationKind, OperationStatus,
+};
 use crate::audit::{self, AuditEvent};
 use crate::domain::card::CardDetails;
 use crate::domain::{Currency, Money};
@@ -227,6 +233,23 @@ pub async fn get(
     payment_from_row(&row)
 }
 
+/// One of `owner_id`'s payments, its row locked until the transaction ends.
+async fn get_for_update(
+    connection: &mut PgConnection,
+    owner_id: &str,
+    payment_id: &str,
+) -> Result<Payment, Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{PAYMENT_SELECT} WHERE p.id = $1 AND p.owner_id = $2 FOR UPDATE OF p"
+    )))
+    .bind(payment_id)
+    .bind(owner_id)
+    .fetch_optional(&mut *connection)
+    .await?
+    .ok_or(Error::NotFound("payment"))?;
+    payment_from_row(&row)
+}
+
 /// A page of `owner_id`'s payments, newest first, optionally in one status.
 pub async fn list(
     connection: &mut PgConnection,
@@ -267,8 +290,8 @@ impl Payments {
                 Claimed::New => ("started".to_owned(), None),
                 Claimed::Resume {
                     recovery_point,
-                    payment_id,
-                } => (recovery_point, payment_id),
+                    resource_id,
+                } => (recovery_point, resource_id),
             };
         let result = self
             .run_phases(claim, &new, &encode, &mut recovery_point, &mut payment_id)
@@ -421,8 +444,10 @@ impl Payments {
             connection,
             &new.owner_id,
             &payment_id,
-            "authorize",
+            OperationKind::Authorize,
             new.amount,
+            None,
+            None,
         )
         .await?;
         audit::record(
@@ -504,8 +529,10 @@ impl Payments {
                     &mut transaction,
                     &payment.owner_id,
                     payment_id,
-                    "capture",
+                    OperationKind::Capture,
                     payment.amount,
+                    Some(&attempt_id),
+                    None,
                 )
                 .await?;
                 idempotency::advance(&mut transaction, claim, "authorized", None).await?;
@@ -688,24 +715,31 @@ fn fresh(stored: Stored) -> Outcome {
     }
 }
 
+/// Writes an attempt BEFORE its acquirer call; its id is the acquirer's operation id.
+/// `parent` is the operation it applies to (capture, void: the authorization; refund:
+/// the capture).
 async fn insert_attempt(
     connection: &mut PgConnection,
     owner_id: &str,
     payment_id: &str,
-    kind: &str,
+    kind: OperationKind,
     amount: Money,
+    parent: Option<&str>,
+    refund_id: Option<&str>,
 ) -> Result<String, Error> {
     let attempt_id = new_id("att");
     sqlx::query(
-        "INSERT INTO attempts (id, owner_id, payment_id, kind, currency, amount, status) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'pending')",
+        "INSERT INTO attempts (id, owner_id, payment_id, kind, currency, amount, status, parent_id, refund_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $8)",
     )
     .bind(&attempt_id)
     .bind(owner_id)
     .bind(payment_id)
-    .bind(kind)
+    .bind(kind.as_str())
     .bind(amount.currency().code())
     .bind(amount.amount_minor())
+    .bind(parent)
+    .bind(refund_id)
     .execute(connection)
     .await?;
     Ok(attempt_id)

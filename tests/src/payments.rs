@@ -180,3 +180,72 @@ impl Tenant {
         self.client().create_payment(self.request(request)).await
     }
 }
+
+/// `Some(money)` of `amount_minor` BRL.
+pub fn brl(amount_minor: i64) -> Option<pb::Money> {
+    Some(pb::Money {
+        amount_minor,
+        currency: "BRL".to_owned(),
+    })
+}
+
+impl Tenant {
+    /// CapturePayment; the whole authorized amount when `amount` is `None`.
+    pub async fn capture(
+        &self,
+        key: &str,
+        payment_id: &str,
+        amount: Option<pb::Money>,
+    ) -> Result<Response<pb::CapturePaymentResponse>, Status> {
+        self.client()
+            .capture_payment(self.request(pb::CapturePaymentRequest {
+                idempotency_key: key.to_owned(),
+                payment_id: payment_id.to_owned(),
+                amount,
+            }))
+            .await
+    }
+
+    /// CancelPayment.
+    pub async fn cancel(
+        &self,
+        key: &str,
+        payment_id: &str,
+    ) -> Result<Response<pb::CancelPaymentResponse>, Status> {
+        self.client()
+            .cancel_payment(self.request(pb::CancelPaymentRequest {
+                idempotency_key: key.to_owned(),
+                payment_id: payment_id.to_owned(),
+            }))
+            .await
+    }
+
+    /// RefundPayment; what remains refundable when `amount` is `None`.
+    pub async fn refund(
+        &self,
+        key: &str,
+        payment_id: &str,
+        amount: Option<pb::Money>,
+    ) -> Result<Response<pb::RefundPaymentResponse>, Status> {
+        self.client()
+            .refund_payment(self.request(pb::RefundPaymentRequest {
+                idempotency_key: key.to_owned(),
+                payment_id: payment_id.to_owned(),
+                amount,
+                reason: "requested_by_customer".to_owned(),
+            }))
+            .await
+    }
+
+    /// GetPayment.
+    pub async fn payment(&self, payment_id: &str) -> anyhow::Result<pb::Payment> {
+        self.client()
+            .get_payment(self.request(pb::GetPaymentRequest {
+                payment_id: payment_id.to_owned(),
+            }))
+            .await?
+            .into_inner()
+            .payment
+            .ok_or_else(|| anyhow::anyhow!("GetPayment answered no payment"))
+    }
+}

@@ -77,6 +77,18 @@ impl TestDatabase {
         Ok(url.to_string())
     }
 
+    /// The sum of every account's balance (folded balance plus unfolded deltas), read as
+    /// the owner: 0 when the books balance (the currencies of one test never mix here).
+    pub async fn books_sum(&self) -> anyhow::Result<i64> {
+        let mut owner = PgConnection::connect(&self.owner_url()).await?;
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(sum(a.balance + coalesce((SELECT sum(d.amount) FROM balance_deltas d \
+             WHERE d.account_id = a.id), 0)), 0)::bigint FROM accounts a",
+        )
+        .fetch_one(&mut owner)
+        .await?)
+    }
+
     /// payment-svc's database settings: service role for serving, owner for migrations.
     pub fn payment_config(&self) -> payment_svc::config::DatabaseConfig {
         let mut config =

@@ -8,7 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::domain::Money;
 use crate::ledger::{Account, AccountKind, Balance, Entry, MovementKind};
-use crate::payments::{CaptureMethod, Payment, PaymentStatus};
+use crate::payments::{CaptureMethod, Payment, PaymentStatus, Refund, RefundStatus};
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -115,6 +115,24 @@ pub(crate) fn payment(payment: &Payment) -> pb::Payment {
         metadata: payment.metadata.clone(),
         create_time: Some(timestamp(payment.created_at)),
         update_time: Some(timestamp(payment.updated_at)),
+    }
+}
+
+pub(crate) fn refund(refund: &Refund) -> pb::Refund {
+    pb::Refund {
+        id: refund.id.clone(),
+        payment_id: refund.payment_id.clone(),
+        amount: Some(money(refund.amount)),
+        status: match refund.status {
+            RefundStatus::Pending => pb::RefundStatus::Pending,
+            RefundStatus::Succeeded => pb::RefundStatus::Succeeded,
+            RefundStatus::Failed => pb::RefundStatus::Failed,
+        } as i32,
+        reason: refund.reason.clone(),
+        failure_code: refund.failure_code.clone(),
+        failure_message: refund.failure_message.clone(),
+        create_time: Some(timestamp(refund.created_at)),
+        update_time: Some(timestamp(refund.updated_at)),
     }
 }
 

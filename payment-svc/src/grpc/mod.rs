@@ -33,7 +33,7 @@ use crate::domain::{Currency, IdempotencyKey, Money};
 use crate::error::Error;
 use crate::idempotency::{self, Claim, REPLAYED_HEADER, Stored};
 use crate::ledger::{self, AccountKind, Movement, MovementKind, NewAccount};
-use crate::payments::{self, CaptureMethod, NewPayment, PaymentStatus};
+use crate::payments::{self, Action, CaptureMethod, FollowUp, NewPayment, PaymentStatus};
 
 /// Settings of the gRPC edge.
 #[derive(Debug, Clone)]
@@ -226,11 +226,66 @@ impl PaymentApi {
             .map_err(Status::from)?;
         answer(outcome)
     }
+
+    /// Runs a capture, cancel or refund under the caller's idempotency key, in a task
+    /// that outlives the caller.
+    async fn follow_up<Req, Resp>(
+        &self,
+        method: &'static str,
+        key: IdempotencyKey,
+        normalized: &Req,
+        follow_up: FollowUp,
+        encode: payments::EncodeFollowUp,
+    ) -> RpcResult<Resp>
+    where
+        Req: Message,
+        Resp: Message + Default,
+    {
+        let fingerprint = idempotency::fingerprint(&normalized.encode_to_vec());
+        let flow = self.settings.payments.clone();
+        // Spawned: a caller that disconnects or times out does not leave the work half done.
+        let task = tokio::spawn(async move {
+            let owner = follow_up.owner_id.clone();
+            let claim = Claim {
+                owner_id: &owner,
+                method,
+                key: &key,
+                fingerprint,
+            };
+            flow.follow_up(&claim, follow_up, encode).await
+        });
+        let outcome = task
+            .await
+            .map_err(|err| Status::from(Error::Internal(format!("request task failed: {err}"))))?
+            .map_err(Status::from)?;
+        answer(outcome)
+    }
+
+    /// An optional amount: `Some(None)` when absent, `None` when invalid.
+    fn optional_amount(
+        &self,
+        violations: &mut Violations,
+        amount: Option<&pb::Money>,
+    ) -> Option<Option<Money>> {
+        match amount {
+            None => Some(None),
+            Some(amount) => parse_amount(
+                violations,
+                "amount",
+                Some(amount),
+                self.settings.max_amount_minor,
+            )
+            .map(Some),
+        }
+    }
 }
 
 const CREATE_ACCOUNT: &str = "/paysuite.payments.v1.PaymentService/CreateAccount";
 const CREATE_TRANSFER: &str = "/paysuite.payments.v1.PaymentService/CreateTransfer";
 const CREATE_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CreatePayment";
+const CAPTURE_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CapturePayment";
+const CANCEL_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CancelPayment";
+const REFUND_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/RefundPayment";
 
 #[derive(Serialize, Deserialize)]
 struct AuditPageToken {
@@ -631,23 +686,104 @@ impl PaymentService for PaymentApi {
 
     async fn capture_payment(
         &self,
-        _request: Request<pb::CapturePaymentRequest>,
+        request: Request<pb::CapturePaymentRequest>,
     ) -> RpcResult<pb::CapturePaymentResponse> {
-        Err(not_yet("CapturePayment"))
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        check_id(&mut violations, "payment_id", &normalized.payment_id);
+        let amount = self.optional_amount(&mut violations, normalized.amount.as_ref());
+        violations.into_result()?;
+        let (Some(key), Some(amount)) = (key, amount) else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        normalized.idempotency_key.clear();
+        normalized.amount = amount.map(convert::money);
+        let follow_up = FollowUp {
+            owner_id: identity.principal.clone(),
+            payment_id: normalized.payment_id.clone(),
+            action: Action::Capture { amount },
+            request_id,
+        };
+        let encode: payments::EncodeFollowUp = Arc::new(|payment, _| {
+            pb::CapturePaymentResponse {
+                payment: Some(convert::payment(payment)),
+            }
+            .encode_to_vec()
+        });
+        self.follow_up(CAPTURE_PAYMENT, key, &normalized, follow_up, encode)
+            .await
     }
 
     async fn cancel_payment(
         &self,
-        _request: Request<pb::CancelPaymentRequest>,
+        request: Request<pb::CancelPaymentRequest>,
     ) -> RpcResult<pb::CancelPaymentResponse> {
-        Err(not_yet("CancelPayment"))
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        check_id(&mut violations, "payment_id", &normalized.payment_id);
+        violations.into_result()?;
+        let Some(key) = key else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        normalized.idempotency_key.clear();
+        let follow_up = FollowUp {
+            owner_id: identity.principal.clone(),
+            payment_id: normalized.payment_id.clone(),
+            action: Action::Cancel,
+            request_id,
+        };
+        let encode: payments::EncodeFollowUp = Arc::new(|payment, _| {
+            pb::CancelPaymentResponse {
+                payment: Some(convert::payment(payment)),
+            }
+            .encode_to_vec()
+        });
+        self.follow_up(CANCEL_PAYMENT, key, &normalized, follow_up, encode)
+            .await
     }
 
     async fn refund_payment(
         &self,
-        _request: Request<pb::RefundPaymentRequest>,
+        request: Request<pb::RefundPaymentRequest>,
     ) -> RpcResult<pb::RefundPaymentResponse> {
-        Err(not_yet("RefundPayment"))
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        check_id(&mut violations, "payment_id", &normalized.payment_id);
+        let amount = self.optional_amount(&mut violations, normalized.amount.as_ref());
+        check_text(&mut violations, "reason", &normalized.reason);
+        violations.into_result()?;
+        let (Some(key), Some(amount)) = (key, amount) else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        normalized.idempotency_key.clear();
+        normalized.amount = amount.map(convert::money);
+        let follow_up = FollowUp {
+            owner_id: identity.principal.clone(),
+            payment_id: normalized.payment_id.clone(),
+            action: Action::Refund {
+                amount,
+                reason: normalized.reason.clone(),
+            },
+            request_id,
+        };
+        let encode: payments::EncodeFollowUp = Arc::new(|payment, refund| {
+            pb::RefundPaymentResponse {
+                refund: refund.map(convert::refund),
+                payment: Some(convert::payment(payment)),
+            }
+            .encode_to_vec()
+        });
+        self.follow_up(REFUND_PAYMENT, key, &normalized, follow_up, encode)
+            .await
     }
 
     async fn create_transfer(

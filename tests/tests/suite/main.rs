@@ -5,6 +5,7 @@
 mod database;
 mod identity;
 mod ledger;
+mod lifecycle;
 mod limits;
 mod payments;
 mod reflection;

@@ -53,15 +53,6 @@ fn status_of(response: &pb::CreatePaymentResponse) -> Option<pb::PaymentStatus> 
         .and_then(|p| pb::PaymentStatus::try_from(p.status).ok())
 }
 
-async fn books_balance(database: &TestDatabase) -> anyhow::Result<i64> {
-    let mut owner = PgConnection::connect(&database.owner_url()).await?;
-    Ok(sqlx::query_scalar(
-        "SELECT coalesce(sum(a.balance + coalesce((SELECT sum(d.amount) FROM balance_deltas d WHERE d.account_id = a.id), 0)), 0)::bigint FROM accounts a",
-    )
-    .fetch_one(&mut owner)
-    .await?)
-}
-
 #[tokio::test]
 async fn each_test_card_yields_its_documented_outcome() -> anyhow::Result<()> {
     let setup = setup(|config| config.acquirer_timeout = Duration::from_millis(300)).await?;
@@ -110,7 +101,7 @@ async fn each_test_card_yields_its_documented_outcome() -> anyhow::Result<()> {
     assert_eq!(alice.balance(&setup.merchant).await?.0, 1_000);
     assert_eq!(setup.sandbox.approved_count(OperationKind::Authorize), 2);
     assert_eq!(setup.sandbox.approved_count(OperationKind::Capture), 1);
-    assert_eq!(books_balance(&setup.database).await?, 0);
+    assert_eq!(setup.database.books_sum().await?, 0);
 
     // Manual capture stops at REQUIRES_CAPTURE.
     let mut manual = payment_request("manual", &setup.merchant, 500, cards::CARD_APPROVED);
@@ -271,7 +262,7 @@ async fn callers_that_give_up_and_retry_are_charged_once_per_key() -> anyhow::Re
         setup.alice.balance(&setup.merchant).await?.0,
         100 * KEYS as i64
     );
-    assert_eq!(books_balance(&setup.database).await?, 0);
+    assert_eq!(setup.database.books_sum().await?, 0);
     setup.service.stop().await
 }
 
