@@ -138,11 +138,69 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
                     source,
                 })?;
         }
+        set_role_timeouts(&pool, service_role, config, &target).await?;
     }
     tracing::info!(database = %target, "migrations applied");
     pool.close().await;
     Ok(())
 }
+
+/// Makes the statement, lock and idle-in-transaction timeouts the service role's defaults
+/// in this database, so that every session of the role has them — also one opened by
+/// hand or by a tool that does not send the service's connection options. Needs the
+/// CREATEROLE attribute; without it the service's own connections still carry the
+/// timeouts, and a warning says what the operator should set.
+async fn set_role_timeouts(
+    pool: &PgPool,
+    role: &str,
+    config: &DatabaseConfig,
+    target: &str,
+) -> Result<(), DbError> {
+    let settings = [
+        ("statement_timeout", config.statement_timeout),
+        ("lock_timeout", config.lock_timeout),
+        (
+            "idle_in_transaction_session_timeout",
+            config.idle_in_transaction_timeout,
+        ),
+    ];
+    for (setting, value) in settings {
+        let statement = format!(
+            "DO $do$ BEGIN EXECUTE format('ALTER ROLE %I IN DATABASE %I SET {setting} = %L', \
+             {}, current_database(), '{}'); END $do$",
+            quote_literal(role),
+            millis(value)
+        );
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await
+        {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(err))
+                if err.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) =>
+            {
+                tracing::warn!(
+                    database = %target,
+                    role,
+                    setting,
+                    "the migration role may not set the service role's defaults (it lacks CREATEROLE): \
+                     set them with ALTER ROLE … IN DATABASE … SET; the service's own connections carry them anyway"
+                );
+                return Ok(());
+            }
+            Err(source) => {
+                return Err(DbError::Query {
+                    target: target.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SQLSTATE of a refused privilege.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 fn parse_url(url: &SecretString, variable: &'static str) -> Result<PgConnectOptions, DbError> {
     PgConnectOptions::from_str(url.expose_secret()).map_err(|_| DbError::InvalidUrl { variable })
@@ -200,6 +258,10 @@ fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
 
 fn millis(duration: Duration) -> String {
     format!("{}ms", duration.as_millis())
+}
+
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 fn quote_identifier(name: &str) -> String {

@@ -40,6 +40,12 @@ impl TestDatabase {
             );
             admin.execute(sqlx::AssertSqlSafe(statement)).await?;
         }
+        // The owner sets the service role's timeouts when it migrates (CREATEROLE).
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "ALTER ROLE {OWNER_ROLE} CREATEROLE"
+            )))
+            .await?;
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         admin
             .execute(sqlx::AssertSqlSafe(format!(

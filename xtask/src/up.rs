@@ -127,7 +127,7 @@ fn create_database(postgres: &Postgres, interrupted: &Interrupted) -> anyhow::Re
             "SELECT format('CREATE ROLE %I LOGIN', r) \
                FROM unnest(ARRAY['paysuite_owner', 'paysuite_app']) AS r \
               WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) \\gexec\n\
-             ALTER ROLE paysuite_owner LOGIN PASSWORD '{owner_password}';\n\
+             ALTER ROLE paysuite_owner LOGIN CREATEROLE PASSWORD '{owner_password}';\n\
              ALTER ROLE paysuite_app LOGIN PASSWORD '{service_password}';\n\
              SELECT 'CREATE DATABASE paysuite OWNER paysuite_owner' \
               WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'paysuite') \\gexec\n"

@@ -72,6 +72,38 @@ async fn migrations_grant_the_service_role_only_what_it_needs() -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn migrations_give_the_service_role_its_timeouts_in_every_session() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let mut config = database.payment_config();
+    config.statement_timeout = std::time::Duration::from_millis(4_321);
+    config.lock_timeout = std::time::Duration::from_millis(1_234);
+    config.idle_in_transaction_timeout = std::time::Duration::from_millis(9_876);
+    payment_svc::db::migrate(&config).await?;
+
+    // A plain session of the service role (no connection options) has them.
+    let mut service = PgConnection::connect(&database.service_url()).await?;
+    for (setting, expected) in [
+        ("statement_timeout", "4321ms"),
+        ("lock_timeout", "1234ms"),
+        ("idle_in_transaction_session_timeout", "9876ms"),
+    ] {
+        let value: String = service
+            .fetch_one(sqlx::AssertSqlSafe(format!("SHOW {setting}")))
+            .await?
+            .try_get(0)?;
+        assert_eq!(value, expected, "{setting}");
+    }
+    // Scoped to this database: the owner's sessions are untouched.
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let value: String = owner
+        .fetch_one("SHOW statement_timeout")
+        .await?
+        .try_get(0)?;
+    assert_eq!(value, "0");
+    Ok(())
+}
+
+#[tokio::test]
 async fn every_table_has_its_service_privileges_declared() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     payment_svc::db::migrate(&database.payment_config()).await?;
