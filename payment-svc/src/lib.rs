@@ -7,6 +7,7 @@
 //! - [`ledger`]: accounts and the double-entry, append-only ledger.
 //! - [`idempotency`]: idempotency keys — claim, fingerprint, stored answers, replay.
 //! - [`audit`]: the append-only audit trail.
+//! - [`rotation`]: `rotate-card-keys`, re-encryption of the card vault under the active key.
 //! - [`error`]: the one error type and its one mapping to gRPC statuses.
 //! - `grpc`: the gRPC edge — the only module that sees protobuf types.
 //!
@@ -24,6 +25,7 @@ mod grpc;
 pub mod idempotency;
 pub mod ledger;
 pub mod payments;
+pub mod rotation;
 pub mod vault;
 
 use std::future::Future;

@@ -1,5 +1,7 @@
-//! The payment-svc binary: `payment-svc` serves, `payment-svc migrate` migrates and exits.
+//! The payment-svc binary: `payment-svc` serves; `migrate` and `rotate-card-keys` do
+//! their maintenance job and exit.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -20,6 +22,13 @@ enum Command {
     Serve,
     /// Apply database migrations and grant the service role its privileges, then exit.
     Migrate,
+    /// Re-encrypt every vaulted card under CARD_ENCRYPTION_ACTIVE_KEY, then exit
+    /// (non-zero when a card does not open or rows remain under other keys).
+    RotateCardKeys {
+        /// Cards re-encrypted per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch_size: i64,
+    },
 }
 
 #[tokio::main]
@@ -43,6 +52,7 @@ async fn main_inner() -> anyhow::Result<()> {
         Command::Migrate => payment_svc::db::migrate(&config.database)
             .await
             .map_err(Into::into),
+        Command::RotateCardKeys { batch_size } => rotate_card_keys(config, batch_size).await,
     };
     telemetry.shutdown().await;
     result
@@ -53,5 +63,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
     payment_svc::run(listener, config, shutdown::signal()).await?;
+    Ok(())
+}
+
+async fn rotate_card_keys(config: Config, batch_size: i64) -> anyhow::Result<()> {
+    let vault = config.vault.vault()?;
+    let pool = payment_svc::db::connect(&config.database).await?;
+    let report = payment_svc::rotation::rotate_card_keys(&pool, &vault, batch_size).await;
+    pool.close().await;
+    let report = report?;
+    // The report is the command's output (logs are JSON on stdout too, one object per line).
+    writeln!(
+        std::io::stdout().lock(),
+        "rotate-card-keys: {} card(s) re-encrypted under key {:?}; {} remain under other keys",
+        report.rotated,
+        report.active_key,
+        report.remaining
+    )?;
+    if !report.unreadable.is_empty() {
+        anyhow::bail!(
+            "{} card(s) do not open with the configured keys: {}",
+            report.unreadable.len(),
+            report.unreadable.join(", ")
+        );
+    }
+    if report.remaining > 0 {
+        anyhow::bail!(
+            "{} card(s) remain under other keys (locked by a concurrent run?): run again",
+            report.remaining
+        );
+    }
     Ok(())
 }

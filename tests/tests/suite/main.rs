@@ -10,3 +10,4 @@ mod limits;
 mod payments;
 mod reflection;
 mod shutdown;
+mod vault;
