@@ -222,6 +222,9 @@ pub async fn create_account(
     .bind(sqlx::types::Json(&new.labels))
     .fetch_one(&mut *connection)
     .await?;
+    for name in SYSTEM_ACCOUNTS {
+        system_account(connection, name, new.currency).await?;
+    }
     account_from_row(&row)
 }
 
@@ -263,14 +266,27 @@ pub async fn list_accounts(
     rows.iter().map(account_from_row).collect()
 }
 
+/// The system accounts of every currency in use.
+pub const SYSTEM_ACCOUNTS: [&str; 2] = ["acquirer_settlement", "refunds_pending"];
+
 /// The id of the system account `name:<currency>` (e.g. `acquirer_settlement:BRL`),
-/// created on first use.
+/// created on first use. The usual path only reads: creating one waits on a concurrent
+/// creator's transaction, which is why [`create_account`] creates its currency's system
+/// accounts ahead of any payment.
 pub async fn system_account(
     connection: &mut PgConnection,
     name: &str,
     currency: Currency,
 ) -> Result<String, Error> {
     let key = format!("{name}:{}", currency.code());
+    let existing: Option<String> =
+        sqlx::query_scalar("SELECT id FROM accounts WHERE system_key = $1")
+            .bind(&key)
+            .fetch_optional(&mut *connection)
+            .await?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
     sqlx::query(
         "INSERT INTO accounts (id, owner_id, currency, kind, allow_negative, display_name, system_key) \
          VALUES ($1, 'system', $2, 'system', true, $3, $3) ON CONFLICT (system_key) DO NOTHING",

@@ -494,3 +494,68 @@ async fn every_change_leaves_an_audit_row_that_only_admins_read() -> anyhow::Res
     );
     setup.service.stop().await
 }
+
+#[tokio::test]
+async fn storm_of_1000_concurrent_payments_into_one_merchant_all_succeed() -> anyhow::Result<()> {
+    const PAYMENTS: usize = 1_000;
+    const CHANNELS: usize = 8;
+    // A lock timeout this short fails at once if payments queued on the merchant's row.
+    // The pool wait is long instead: 1,000 callers share 16 connections by design.
+    let setup = setup(|config| {
+        config.database.lock_timeout = Duration::from_millis(50);
+        config.database.acquire_timeout = Duration::from_secs(120);
+        config.limits.max_unary_per_connection = PAYMENTS;
+    })
+    .await?;
+    let mut tenants = Vec::new();
+    for _ in 0..CHANNELS {
+        let channel = tonic::transport::Channel::from_shared(setup.service.endpoint())?
+            .connect()
+            .await?;
+        tenants.push(Tenant::new("alice", channel));
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(PAYMENTS));
+    let mut calls = Vec::new();
+    let mut expected = 0;
+    for n in 0..PAYMENTS {
+        let tenant = tenants[n % CHANNELS].clone();
+        let amount = 100 + i64::try_from(n)?;
+        expected += amount;
+        let request = payment_request(
+            &format!("hot-{n}"),
+            &setup.merchant,
+            amount,
+            cards::CARD_APPROVED,
+        );
+        let start = Arc::clone(&start);
+        calls.push(tokio::spawn(async move {
+            start.wait().await;
+            tenant.pay(request).await
+        }));
+    }
+    let mut failures = Vec::new();
+    for call in calls {
+        match call.await? {
+            Ok(response) => {
+                let status = status_of(response.get_ref());
+                if status != Some(pb::PaymentStatus::Succeeded) {
+                    failures.push(format!("{status:?}"));
+                }
+            }
+            Err(status) => failures.push(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {PAYMENTS} failed, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert_eq!(setup.alice.balance(&setup.merchant).await?.0, expected);
+    assert_eq!(
+        setup.sandbox.approved_count(OperationKind::Capture),
+        PAYMENTS
+    );
+    assert_eq!(setup.database.books_sum().await?, 0);
+    setup.service.stop().await
+}
