@@ -5,6 +5,7 @@
 mod database;
 mod identity;
 mod ledger;
+mod ledger_model;
 mod lifecycle;
 mod limits;
 mod payments;
