@@ -18,6 +18,7 @@ use proto::payments::v1::payment_admin_service_server::{
     PaymentAdminService, PaymentAdminServiceServer,
 };
 use proto::payments::v1::payment_service_server::{PaymentService, PaymentServiceServer};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use service_kit::validation::Violations;
 use service_kit::{Identity, ServiceSet};
@@ -160,6 +161,41 @@ fn page_size(violations: &mut Violations, requested: i32, default: i64, maximum:
             default
         }
     }
+}
+
+/// Where a page starts: `None` for the first page (no token); otherwise what `accept`
+/// makes of the decoded token, which must name this request's principal and filter
+/// (anything else is a `page_token` violation).
+fn page_token<Token: DeserializeOwned, After>(
+    violations: &mut Violations,
+    token: &str,
+    accept: impl FnOnce(Token) -> Option<After>,
+) -> Option<After> {
+    if token.is_empty() {
+        return None;
+    }
+    let after = convert::decode_token::<Token>(token).and_then(accept);
+    if after.is_none() {
+        violations.add("page_token", "is not a page token of this request");
+    }
+    after
+}
+
+/// One page out of the `limit + 1` rows a list query fetched: the first `limit`, and the
+/// token of the next page (empty on the last page), built from the page's last row.
+fn page<T, Token: Serialize>(
+    mut rows: Vec<T>,
+    limit: i64,
+    token: impl FnOnce(&T) -> Token,
+) -> (Vec<T>, String) {
+    let limit = usize::try_from(limit).unwrap_or(0);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = match rows.last() {
+        Some(last) if more => convert::encode_token(&token(last)),
+        _ => String::new(),
+    };
+    (rows, next)
 }
 
 /// A stored answer as the RPC's response (or status), marked when replayed.
@@ -471,23 +507,16 @@ impl PaymentService for PaymentApi {
         let request = request.into_inner();
         let mut violations = Violations::new();
         let limit = page_size(&mut violations, request.page_size, 20, 100);
-        let after = if request.page_token.is_empty() {
-            None
-        } else {
-            let decoded = convert::decode_token::<AccountsPageToken>(&request.page_token)
-                .filter(|token| token.owner == identity.principal)
-                .and_then(|token| {
-                    DateTime::<Utc>::from_timestamp_micros(token.created_at_micros)
-                        .map(|at| (at, token.id))
-                });
-            match decoded {
-                Some(after) => Some(after),
-                None => {
-                    violations.add("page_token", "is not a page token of this request");
-                    None
-                }
-            }
-        };
+        let after = page_token(
+            &mut violations,
+            &request.page_token,
+            |token: AccountsPageToken| {
+                (token.owner == identity.principal)
+                    .then(|| DateTime::<Utc>::from_timestamp_micros(token.created_at_micros))
+                    .flatten()
+                    .map(|at| (at, token.id))
+            },
+        );
         violations.into_result()?;
         let mut connection = self.pool.acquire().await.map_err(Error::from)?;
         let accounts = ledger::list_accounts(
@@ -497,19 +526,11 @@ impl PaymentService for PaymentApi {
             limit + 1,
         )
         .await?;
-        let more = accounts.len() as i64 > limit;
-        let page: Vec<_> = accounts
-            .into_iter()
-            .take(usize::try_from(limit).unwrap_or(0))
-            .collect();
-        let next_page_token = match page.last() {
-            Some(last) if more => convert::encode_token(&AccountsPageToken {
-                owner: identity.principal.clone(),
-                created_at_micros: last.created_at.timestamp_micros(),
-                id: last.id.clone(),
-            }),
-            _ => String::new(),
-        };
+        let (page, next_page_token) = page(accounts, limit, |last| AccountsPageToken {
+            owner: identity.principal.clone(),
+            created_at_micros: last.created_at.timestamp_micros(),
+            id: last.id.clone(),
+        });
         Ok(Response::new(pb::ListAccountsResponse {
             accounts: page.iter().map(convert::account).collect(),
             next_page_token,
@@ -640,20 +661,16 @@ impl PaymentService for PaymentApi {
                 None
             }
         };
-        let after = if request.page_token.is_empty() {
-            None
-        } else {
-            let decoded = convert::decode_token::<PaymentsPageToken>(&request.page_token)
-                .filter(|token| token.owner == identity.principal && token.status == request.status)
-                .and_then(|token| {
-                    DateTime::<Utc>::from_timestamp_micros(token.created_at_micros)
-                        .map(|at| (at, token.id))
-                });
-            if decoded.is_none() {
-                violations.add("page_token", "is not a page token of this request");
-            }
-            decoded
-        };
+        let after = page_token(
+            &mut violations,
+            &request.page_token,
+            |token: PaymentsPageToken| {
+                (token.owner == identity.principal && token.status == request.status)
+                    .then(|| DateTime::<Utc>::from_timestamp_micros(token.created_at_micros))
+                    .flatten()
+                    .map(|at| (at, token.id))
+            },
+        );
         violations.into_result()?;
         let mut connection = self.pool.acquire().await.map_err(Error::from)?;
         let found = payments::list(
@@ -664,20 +681,12 @@ impl PaymentService for PaymentApi {
             limit + 1,
         )
         .await?;
-        let more = found.len() as i64 > limit;
-        let page: Vec<_> = found
-            .into_iter()
-            .take(usize::try_from(limit).unwrap_or(0))
-            .collect();
-        let next_page_token = match page.last() {
-            Some(last) if more => convert::encode_token(&PaymentsPageToken {
-                owner: identity.principal.clone(),
-                status: request.status,
-                created_at_micros: last.created_at.timestamp_micros(),
-                id: last.id.clone(),
-            }),
-            _ => String::new(),
-        };
+        let (page, next_page_token) = page(found, limit, |last| PaymentsPageToken {
+            owner: identity.principal.clone(),
+            status: request.status,
+            created_at_micros: last.created_at.timestamp_micros(),
+            id: last.id.clone(),
+        });
         Ok(Response::new(pb::ListPaymentsResponse {
             payments: page.iter().map(convert::payment).collect(),
             next_page_token,
@@ -910,21 +919,15 @@ impl PaymentService for PaymentApi {
         let mut violations = Violations::new();
         check_id(&mut violations, "account_id", &request.account_id);
         let limit = page_size(&mut violations, request.page_size, 100, 500);
-        let after = if request.page_token.is_empty() {
-            0
-        } else {
-            match convert::decode_token::<EntriesPageToken>(&request.page_token) {
-                Some(token)
-                    if token.owner == identity.principal && token.account == request.account_id =>
-                {
-                    token.after
-                }
-                _ => {
-                    violations.add("page_token", "is not a page token of this request");
-                    0
-                }
-            }
-        };
+        let after = page_token(
+            &mut violations,
+            &request.page_token,
+            |token: EntriesPageToken| {
+                (token.owner == identity.principal && token.account == request.account_id)
+                    .then_some(token.after)
+            },
+        )
+        .unwrap_or(0);
         violations.into_result()?;
         let mut connection = self.pool.acquire().await.map_err(Error::from)?;
         let entries = ledger::list_entries(
@@ -935,19 +938,11 @@ impl PaymentService for PaymentApi {
             limit + 1,
         )
         .await?;
-        let more = entries.len() as i64 > limit;
-        let page: Vec<_> = entries
-            .into_iter()
-            .take(usize::try_from(limit).unwrap_or(0))
-            .collect();
-        let next_page_token = match page.last() {
-            Some(last) if more => convert::encode_token(&EntriesPageToken {
-                owner: identity.principal.clone(),
-                account: request.account_id.clone(),
-                after: last.position,
-            }),
-            _ => String::new(),
-        };
+        let (page, next_page_token) = page(entries, limit, |last| EntriesPageToken {
+            owner: identity.principal.clone(),
+            account: request.account_id.clone(),
+            after: last.position,
+        });
         Ok(Response::new(pb::ListLedgerEntriesResponse {
             entries: page.iter().map(convert::entry).collect(),
             next_page_token,
@@ -979,23 +974,17 @@ impl PaymentAdminService for PaymentApi {
         let request = request.into_inner();
         let mut violations = Violations::new();
         let limit = page_size(&mut violations, request.page_size, 100, 500);
-        let after = if request.page_token.is_empty() {
-            0
-        } else {
-            match convert::decode_token::<AuditPageToken>(&request.page_token) {
-                Some(token)
-                    if token.owner == identity.principal
-                        && token.entity_type == request.entity_type
-                        && token.entity_id == request.entity_id =>
-                {
-                    token.after
-                }
-                _ => {
-                    violations.add("page_token", "is not a page token of this request");
-                    0
-                }
-            }
-        };
+        let after = page_token(
+            &mut violations,
+            &request.page_token,
+            |token: AuditPageToken| {
+                (token.owner == identity.principal
+                    && token.entity_type == request.entity_type
+                    && token.entity_id == request.entity_id)
+                    .then_some(token.after)
+            },
+        )
+        .unwrap_or(0);
         violations.into_result()?;
         let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
         let mut connection = self.pool.acquire().await.map_err(Error::from)?;
@@ -1007,20 +996,12 @@ impl PaymentAdminService for PaymentApi {
             limit + 1,
         )
         .await?;
-        let more = records.len() as i64 > limit;
-        let page: Vec<_> = records
-            .into_iter()
-            .take(usize::try_from(limit).unwrap_or(0))
-            .collect();
-        let next_page_token = match page.last() {
-            Some(last) if more => convert::encode_token(&AuditPageToken {
-                owner: identity.principal.clone(),
-                entity_type: request.entity_type.clone(),
-                entity_id: request.entity_id.clone(),
-                after: last.id,
-            }),
-            _ => String::new(),
-        };
+        let (page, next_page_token) = page(records, limit, |last| AuditPageToken {
+            owner: identity.principal.clone(),
+            entity_type: request.entity_type.clone(),
+            entity_id: request.entity_id.clone(),
+            after: last.id,
+        });
         Ok(Response::new(pb::GetAuditTrailResponse {
             records: page.iter().map(convert::audit_record).collect(),
             next_page_token,
