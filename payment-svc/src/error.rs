@@ -135,6 +135,33 @@ impl From<Error> for Status {
     }
 }
 
+/// `as_str` and `parse` for an enum stored in the database by name, from one table of
+/// names (an unknown stored name is an internal error: only this service writes them).
+macro_rules! stored_names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The name stored in the database.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name,)+
+                }
+            }
+
+            /// Parses a stored name.
+            pub fn parse(text: &str) -> Result<Self, $crate::error::Error> {
+                match text {
+                    $($name => Ok(Self::$variant),)+
+                    other => Err($crate::error::Error::Internal(format!(
+                        concat!("unknown ", stringify!($ty), " {:?} in the database"),
+                        other
+                    ))),
+                }
+            }
+        }
+    };
+}
+pub(crate) use stored_names;
+
 /// PostgreSQL error codes the service reacts to.
 pub mod pg_code {
     /// A CHECK constraint refused the row (e.g. a balance below zero).

@@ -8,10 +8,11 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
 use crate::domain::{Currency, Money};
-use crate::error::{Error, pg_code};
+use crate::error::{Error, pg_code, stored_names};
 
 /// What an account stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,26 +25,11 @@ pub enum AccountKind {
     System,
 }
 
-impl AccountKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Customer => "customer",
-            Self::Merchant => "merchant",
-            Self::System => "system",
-        }
-    }
-
-    fn parse(text: &str) -> Result<Self, Error> {
-        match text {
-            "customer" => Ok(Self::Customer),
-            "merchant" => Ok(Self::Merchant),
-            "system" => Ok(Self::System),
-            other => Err(Error::Internal(format!(
-                "unknown account kind {other:?} in the database"
-            ))),
-        }
-    }
-}
+stored_names!(AccountKind {
+    Customer => "customer",
+    Merchant => "merchant",
+    System => "system",
+});
 
 /// A ledger account.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,32 +93,13 @@ pub enum MovementKind {
     Transfer,
 }
 
-impl MovementKind {
-    /// The name stored in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Capture => "capture",
-            Self::RefundHold => "refund_hold",
-            Self::RefundSettle => "refund_settle",
-            Self::RefundReverse => "refund_reverse",
-            Self::Transfer => "transfer",
-        }
-    }
-
-    /// Parses the stored name.
-    pub fn parse(text: &str) -> Result<Self, Error> {
-        match text {
-            "capture" => Ok(Self::Capture),
-            "refund_hold" => Ok(Self::RefundHold),
-            "refund_settle" => Ok(Self::RefundSettle),
-            "refund_reverse" => Ok(Self::RefundReverse),
-            "transfer" => Ok(Self::Transfer),
-            other => Err(Error::Internal(format!(
-                "unknown movement kind {other:?} in the database"
-            ))),
-        }
-    }
-}
+stored_names!(MovementKind {
+    Capture => "capture",
+    RefundHold => "refund_hold",
+    RefundSettle => "refund_settle",
+    RefundReverse => "refund_reverse",
+    Transfer => "transfer",
+});
 
 /// One movement of money to record.
 #[derive(Debug, Clone)]
@@ -181,18 +148,24 @@ pub struct Entry {
     pub created_at: DateTime<Utc>,
 }
 
+/// The currency stored in a row's `currency` column (written by this service, so an
+/// unknown code is an internal error).
+pub fn stored_currency(row: &PgRow) -> Result<Currency, Error> {
+    let code: &str = row.try_get("currency")?;
+    Currency::parse(code).map_err(|err| Error::Internal(format!("stored currency: {err}")))
+}
+
 /// A new identifier: a type prefix and a time-ordered UUID.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
-fn account_from_row(row: &sqlx::postgres::PgRow) -> Result<Account, Error> {
-    let currency: String = row.try_get("currency")?;
+fn account_from_row(row: &PgRow) -> Result<Account, Error> {
     let labels: sqlx::types::Json<BTreeMap<String, String>> = row.try_get("labels")?;
     Ok(Account {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
-        currency: Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?,
+        currency: stored_currency(row)?,
         kind: AccountKind::parse(row.try_get("kind")?)?,
         allow_negative: row.try_get("allow_negative")?,
         display_name: row.try_get("display_name")?,
@@ -320,8 +293,7 @@ pub async fn balance(
     .fetch_optional(&mut *connection)
     .await?
     .ok_or(Error::NotFound("account"))?;
-    let currency: String = row.try_get("currency")?;
-    let currency = Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?;
+    let currency = stored_currency(&row)?;
     Ok(Balance {
         balance: Money::new(row.try_get("balance")?, currency),
         version: row.try_get("version")?,
@@ -349,9 +321,7 @@ pub async fn list_entries(
     .await?;
     rows.iter()
         .map(|row| {
-            let currency: String = row.try_get("currency")?;
-            let currency =
-                Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?;
+            let currency = stored_currency(row)?;
             Ok(Entry {
                 position: row.try_get("position")?,
                 movement_id: row.try_get("movement_id")?,

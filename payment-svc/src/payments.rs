@@ -32,9 +32,9 @@ use crate::acquirer::{
     Acquirer, AcquirerError, AuthorizeRequest, Operation, OperationKind, OperationStatus,
 };
 use crate::audit::{self, AuditEvent};
+use crate::domain::Money;
 use crate::domain::card::CardDetails;
-use crate::domain::{Currency, Money};
-use crate::error::Error;
+use crate::error::{Error, stored_names};
 use crate::idempotency::{self, Claim, Claimed, Outcome, Stored};
 use crate::ledger::{self, Movement, MovementKind, new_id};
 use crate::vault::{Sealed, Vault};
@@ -56,31 +56,14 @@ pub enum PaymentStatus {
     Canceled,
 }
 
-impl PaymentStatus {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Processing => "processing",
-            Self::RequiresCapture => "requires_capture",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Canceled => "canceled",
-        }
-    }
-
-    fn parse(text: &str) -> Result<Self, Error> {
-        Ok(match text {
-            "pending" => Self::Pending,
-            "processing" => Self::Processing,
-            "requires_capture" => Self::RequiresCapture,
-            "succeeded" => Self::Succeeded,
-            "failed" => Self::Failed,
-            "canceled" => Self::Canceled,
-            other => return Err(Error::Internal(format!("unknown payment status {other:?}"))),
-        })
-    }
-}
+stored_names!(PaymentStatus {
+    Pending => "pending",
+    Processing => "processing",
+    RequiresCapture => "requires_capture",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Canceled => "canceled",
+});
 
 /// When the authorized amount is captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,14 +74,10 @@ pub enum CaptureMethod {
     Manual,
 }
 
-impl CaptureMethod {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Automatic => "automatic",
-            Self::Manual => "manual",
-        }
-    }
-}
+stored_names!(CaptureMethod {
+    Automatic => "automatic",
+    Manual => "manual",
+});
 
 /// A payment as stored, with its card summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,10 +164,8 @@ const PAYMENT_SELECT: &str = "SELECT p.id, p.owner_id, p.merchant_account_id, p.
      FROM payments p JOIN cards c ON c.id = p.card_id";
 
 fn payment_from_row(row: &sqlx::postgres::PgRow) -> Result<Payment, Error> {
-    let currency: String = row.try_get("currency")?;
-    let currency = Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?;
+    let currency = ledger::stored_currency(row)?;
     let metadata: sqlx::types::Json<BTreeMap<String, String>> = row.try_get("metadata")?;
-    let capture_method: String = row.try_get("capture_method")?;
     Ok(Payment {
         id: row.try_get("id")?,
         owner_id: row.try_get("owner_id")?,
@@ -197,11 +174,7 @@ fn payment_from_row(row: &sqlx::postgres::PgRow) -> Result<Payment, Error> {
         amount_captured: Money::new(row.try_get("amount_captured")?, currency),
         amount_refunded: Money::new(row.try_get("amount_refunded")?, currency),
         status: PaymentStatus::parse(row.try_get("status")?)?,
-        capture_method: if capture_method == "manual" {
-            CaptureMethod::Manual
-        } else {
-            CaptureMethod::Automatic
-        },
+        capture_method: CaptureMethod::parse(row.try_get("capture_method")?)?,
         mode: "sync",
         card_brand: row.try_get("brand")?,
         card_last4: row.try_get("last4")?,
@@ -759,8 +732,7 @@ async fn pending_attempt(
     .bind(kind)
     .fetch_one(&mut *connection)
     .await?;
-    let currency: String = row.try_get("currency")?;
-    let currency = Currency::parse(&currency).map_err(|err| Error::Internal(err.to_string()))?;
+    let currency = ledger::stored_currency(&row)?;
     Ok((
         row.try_get("id")?,
         Money::new(row.try_get("amount")?, currency),

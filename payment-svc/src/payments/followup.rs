@@ -30,8 +30,8 @@ use super::{
 };
 use crate::acquirer::{AcquirerError, Operation, OperationKind, OperationStatus};
 use crate::audit::{self, AuditEvent};
-use crate::domain::{Currency, Money};
-use crate::error::Error;
+use crate::domain::Money;
+use crate::error::{Error, stored_names};
 use crate::idempotency::{self, Claim, Claimed, Outcome, Stored};
 use crate::ledger::{self, Movement, MovementKind, new_id};
 
@@ -78,16 +78,11 @@ pub enum RefundStatus {
     Failed,
 }
 
-impl RefundStatus {
-    fn parse(text: &str) -> Result<Self, Error> {
-        match text {
-            "pending" => Ok(Self::Pending),
-            "succeeded" => Ok(Self::Succeeded),
-            "failed" => Ok(Self::Failed),
-            other => Err(Error::Internal(format!("unknown refund status {other:?}"))),
-        }
-    }
-}
+stored_names!(RefundStatus {
+    Pending => "pending",
+    Succeeded => "succeeded",
+    Failed => "failed",
+});
 
 /// A refund as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -591,8 +586,7 @@ async fn load_attempt(connection: &mut PgConnection, attempt_id: &str) -> Result
     .bind(attempt_id)
     .fetch_one(&mut *connection)
     .await?;
-    let currency = Currency::parse(row.try_get("currency")?)
-        .map_err(|err| Error::Internal(err.to_string()))?;
+    let currency = ledger::stored_currency(&row)?;
     let kind = match row.try_get::<&str, _>("kind")? {
         "capture" => OperationKind::Capture,
         "void" => OperationKind::Void,
@@ -758,8 +752,7 @@ pub async fn get_refund(connection: &mut PgConnection, refund_id: &str) -> Resul
     .fetch_optional(&mut *connection)
     .await?
     .ok_or(Error::NotFound("refund"))?;
-    let currency = Currency::parse(row.try_get("currency")?)
-        .map_err(|err| Error::Internal(err.to_string()))?;
+    let currency = ledger::stored_currency(&row)?;
     Ok(Refund {
         id: row.try_get("id")?,
         payment_id: row.try_get("payment_id")?,

@@ -34,7 +34,7 @@ fn luhn(digits: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The forms in which a number could leak: digits, a Debug'd byte list, hex.
