@@ -7,6 +7,7 @@
 //! - [`ledger`]: accounts and the double-entry, append-only ledger.
 //! - [`idempotency`]: idempotency keys — claim, fingerprint, stored answers, replay.
 //! - [`audit`]: the append-only audit trail.
+//! - [`reconcile`]: `reconcile`, the acquirer's operations against attempts, payments and the ledger.
 //! - [`rotation`]: `rotate-card-keys`, re-encryption of the card vault under the active key.
 //! - [`error`]: the one error type and its one mapping to gRPC statuses.
 //! - `grpc`: the gRPC edge — the only module that sees protobuf types.
@@ -25,6 +26,7 @@ mod grpc;
 pub mod idempotency;
 pub mod ledger;
 pub mod payments;
+pub mod reconcile;
 pub mod rotation;
 pub mod vault;
 

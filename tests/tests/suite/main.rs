@@ -10,6 +10,7 @@ mod ledger_model;
 mod lifecycle;
 mod limits;
 mod payments;
+mod reconcile;
 mod reflection;
 mod shutdown;
 mod vault;
