@@ -225,3 +225,73 @@ async fn an_account_can_change_only_its_balance() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_exhausted_pool_answers_unavailable_and_recovers() -> anyhow::Result<()> {
+    use proto::payments::v1 as pb;
+    use std::time::Duration;
+    use tests::payments::Tenant;
+
+    let database = TestDatabase::create().await?;
+    let service = tests::services::payment_with(&database, |config| {
+        config.database.max_connections = 1;
+        config.database.acquire_timeout = Duration::from_millis(100);
+        config.database.lock_timeout = Duration::from_secs(20);
+        config.database.statement_timeout = Duration::from_secs(20);
+    })
+    .await?;
+    let channel = tonic::transport::Channel::from_shared(service.endpoint())?
+        .connect()
+        .await?;
+    let alice = Tenant::new("alice", channel);
+    let account = alice
+        .open_account(pb::AccountKind::Customer, "BRL", false)
+        .await?
+        .id;
+
+    // The pool's only connection waits on a table lock held here…
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let mut lock = owner.begin().await?;
+    lock.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let blocked = {
+        let alice = alice.clone();
+        let account = account.clone();
+        tokio::spawn(async move { alice.balance(&account).await })
+    };
+    // Once that call waits on the lock (seen from another session)…
+    // (as a superuser: other roles do not see the service role's wait events)
+    let mut observer = PgConnection::connect(&database.superuser_url()?).await?;
+    tokio::time::timeout(tests::LIVENESS, async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(database.name())
+            .fetch_one(&mut observer)
+            .await?;
+            if waiting > 0 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await??;
+    // …the next call finds no connection within the acquire timeout: UNAVAILABLE.
+    let refused = tokio::time::timeout(tests::LIVENESS, alice.balance(&account))
+        .await?
+        .err()
+        .and_then(|err| err.downcast::<tonic::Status>().ok());
+    assert_eq!(
+        refused.as_ref().map(|s| (s.code(), s.message())),
+        Some((
+            tonic::Code::Unavailable,
+            "database busy: no connection available"
+        ))
+    );
+    // Releasing the lock lets the blocked call finish and the pool serve again.
+    lock.rollback().await?;
+    assert_eq!(tokio::time::timeout(tests::LIVENESS, blocked).await???.0, 0);
+    assert_eq!(alice.balance(&account).await?.0, 0);
+    service.stop().await
+}
