@@ -34,6 +34,8 @@ pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[
     ("payments", "SELECT, INSERT, UPDATE"),
     ("attempts", "SELECT, INSERT, UPDATE"),
     ("refunds", "SELECT, INSERT, UPDATE"),
+    // Finished jobs are reaped after their retention.
+    ("jobs", "SELECT, INSERT, UPDATE, DELETE"),
 ];
 
 /// A database failure at start-up or in a migration.
@@ -91,6 +93,19 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, DbError> {
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// A small pool for LISTEN connections (job wake-ups, event streams): each listener holds
+/// its connection for as long as it runs, so they never take the service pool's.
+pub fn listener_pool(config: &DatabaseConfig) -> Result<PgPool, DbError> {
+    let options = parse_url(&config.url, crate::config::ENV_DATABASE_URL)?
+        .application_name("payment-svc listen");
+    Ok(PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(config.connect_timeout)
+        .idle_timeout(None)
+        .max_lifetime(None)
         .connect_lazy_with(options))
 }
 

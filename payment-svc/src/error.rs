@@ -33,6 +33,10 @@ pub enum Error {
     /// A dependency (the acquirer) could not do the work; nothing was done.
     #[error("{0}")]
     Unavailable(String),
+    /// A job's claim was lost (its lease ran out and another worker took it): its writes
+    /// are refused.
+    #[error("job {0} is no longer held by this worker")]
+    StaleJob(i64),
     /// Every pooled connection is busy.
     #[error("database busy: no connection available")]
     PoolExhausted,
@@ -126,6 +130,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) | Error::PoolExhausted | Error::Contention { .. } => {
                 Status::unavailable(err.to_string())
             }
+            Error::StaleJob(_) => Status::aborted(err.to_string()),
             Error::Database(_) | Error::Internal(_) => {
                 let request_id = uuid::Uuid::new_v4();
                 tracing::error!(%request_id, error = %err, "internal error");

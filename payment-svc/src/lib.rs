@@ -7,6 +7,7 @@
 //! - [`ledger`]: accounts and the double-entry, append-only ledger.
 //! - [`idempotency`]: idempotency keys — claim, fingerprint, stored answers, replay.
 //! - [`audit`]: the append-only audit trail.
+//! - [`jobs`]: the durable job queue and its workers.
 //! - [`reconcile`]: `reconcile`, the acquirer's operations against attempts, payments and the ledger.
 //! - [`rotation`]: `rotate-card-keys`, re-encryption of the card vault under the active key.
 //! - [`error`]: the one error type and its one mapping to gRPC statuses.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod failpoint;
 mod grpc;
 pub mod idempotency;
+pub mod jobs;
 pub mod ledger;
 pub mod payments;
 pub mod reconcile;

@@ -5,6 +5,7 @@
 mod canary;
 mod database;
 mod identity;
+mod jobs;
 mod ledger;
 mod ledger_model;
 mod lifecycle;
