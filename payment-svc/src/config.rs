@@ -34,6 +34,100 @@ pub const ENV_IDEMPOTENCY_LEASE: &str = "IDEMPOTENCY_LEASE";
 /// `SANDBOX_SLOW_ANSWER`: how long the sandbox's slow test card takes to answer.
 pub const ENV_SANDBOX_SLOW_ANSWER: &str = "SANDBOX_SLOW_ANSWER";
 
+/// `JOBS_ENABLED`: run background workers in this process.
+pub const ENV_JOBS_ENABLED: &str = "JOBS_ENABLED";
+/// `JOB_CONCURRENCY`: jobs one process runs at once.
+pub const ENV_JOB_CONCURRENCY: &str = "JOB_CONCURRENCY";
+/// `JOB_LEASE`: how long a claim holds a job (renewed while it runs).
+pub const ENV_JOB_LEASE: &str = "JOB_LEASE";
+/// `JOB_POLL_INTERVAL`: the safety-net poll; workers wake on NOTIFY.
+pub const ENV_JOB_POLL_INTERVAL: &str = "JOB_POLL_INTERVAL";
+/// `JOB_MAX_ATTEMPTS`: attempts before a job is dead.
+pub const ENV_JOB_MAX_ATTEMPTS: &str = "JOB_MAX_ATTEMPTS";
+/// `JOB_BACKOFF_BASE`: the first retry's backoff (doubled per attempt, ±25 % jitter).
+pub const ENV_JOB_BACKOFF_BASE: &str = "JOB_BACKOFF_BASE";
+/// `JOB_BACKOFF_MAX`: the longest retry backoff.
+pub const ENV_JOB_BACKOFF_MAX: &str = "JOB_BACKOFF_MAX";
+/// `JOB_RETENTION`: how long finished jobs are kept.
+pub const ENV_JOB_RETENTION: &str = "JOB_RETENTION";
+/// `AUTHORIZATION_VOID_AFTER`: uncaptured authorizations are voided after this.
+pub const ENV_AUTHORIZATION_VOID_AFTER: &str = "AUTHORIZATION_VOID_AFTER";
+
+/// Background jobs.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// Run workers in this process.
+    pub enabled: bool,
+    /// Jobs run at once.
+    pub concurrency: usize,
+    /// How long a claim holds a job.
+    pub lease: Duration,
+    /// The safety-net poll.
+    pub poll_interval: Duration,
+    /// Attempts before a job is dead.
+    pub max_attempts: i32,
+    /// First retry backoff.
+    pub backoff_base: Duration,
+    /// Longest retry backoff.
+    pub backoff_max: Duration,
+    /// How long finished jobs are kept.
+    pub retention: Duration,
+    /// Uncaptured authorizations are voided after this.
+    pub void_after: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            concurrency: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(5),
+            max_attempts: 10,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            void_after: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl JobsConfig {
+    /// Reads the `JOB_*`, `JOBS_ENABLED` and `AUTHORIZATION_VOID_AFTER` variables.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        let concurrency: usize = env.parse_or(ENV_JOB_CONCURRENCY, defaults.concurrency)?;
+        if concurrency == 0 {
+            return Err(ConfigError::new(
+                ENV_JOB_CONCURRENCY,
+                "must be greater than zero",
+            ));
+        }
+        let max_attempts: i32 = env.parse_or(ENV_JOB_MAX_ATTEMPTS, defaults.max_attempts)?;
+        if max_attempts <= 0 {
+            return Err(ConfigError::new(
+                ENV_JOB_MAX_ATTEMPTS,
+                "must be greater than zero",
+            ));
+        }
+        let lease = env.duration_or(ENV_JOB_LEASE, defaults.lease)?;
+        if lease < Duration::from_millis(30) {
+            return Err(ConfigError::new(ENV_JOB_LEASE, "must be at least 30ms"));
+        }
+        Ok(Self {
+            enabled: env.bool_or(ENV_JOBS_ENABLED, defaults.enabled)?,
+            concurrency,
+            lease,
+            poll_interval: env.duration_or(ENV_JOB_POLL_INTERVAL, defaults.poll_interval)?,
+            max_attempts,
+            backoff_base: env.duration_or(ENV_JOB_BACKOFF_BASE, defaults.backoff_base)?,
+            backoff_max: env.duration_or(ENV_JOB_BACKOFF_MAX, defaults.backoff_max)?,
+            retention: env.duration_or(ENV_JOB_RETENTION, defaults.retention)?,
+            void_after: env.duration_or(ENV_AUTHORIZATION_VOID_AFTER, defaults.void_after)?,
+        })
+    }
+}
+
 /// The card vault's key material, as configured (secrets).
 #[derive(Debug, Clone)]
 pub struct VaultConfig {
@@ -84,6 +178,8 @@ pub struct Config {
     pub idempotency_lease: Duration,
     /// How long the in-process sandbox's slow test card takes to answer.
     pub sandbox_slow_answer: Duration,
+    /// Background jobs.
+    pub jobs: JobsConfig,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -143,6 +239,7 @@ impl Config {
                 }
                 max
             },
+            jobs: JobsConfig::from_env(env)?,
             limits: ServerLimits::from_env(env)?,
         })
     }

@@ -82,19 +82,62 @@ where
         db::migrate(&config.database).await?;
     }
     let pool = db::connect(&config.database).await?;
+    let payments = payments::Payments {
+        pool: pool.clone(),
+        acquirer,
+        vault,
+        acquirer_timeout: config.acquirer_timeout,
+        lease: config.idempotency_lease,
+        jobs: config.jobs.clone(),
+    };
     let settings = grpc::ApiSettings {
         max_amount_minor: config.max_amount_minor,
-        payments: payments::Payments {
-            pool: pool.clone(),
-            acquirer,
-            vault,
-            acquirer_timeout: config.acquirer_timeout,
-            lease: config.idempotency_lease,
-        },
+        payments: payments.clone(),
     };
     let services =
         grpc::services(pool.clone(), settings).require_identity(config.identity.verifier());
-    serve(listener, services, &config.limits, shutdown).await?;
+
+    // One shutdown signal for the server and the workers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = if config.jobs.enabled {
+        let listener_pool = db::listener_pool(&config.database)?;
+        Some(tokio::spawn(jobs::runner::run(
+            pool.clone(),
+            listener_pool,
+            Arc::new(payments::PaymentJobs::new(payments, config.jobs.void_after)),
+            jobs::runner::RunnerConfig {
+                worker_id: format!("payment-svc-{}", uuid::Uuid::new_v4().simple()),
+                concurrency: config.jobs.concurrency,
+                lease: config.jobs.lease,
+                poll_interval: config.jobs.poll_interval,
+                backoff: (config.jobs.backoff_base, config.jobs.backoff_max),
+                drain_timeout: config.limits.drain_timeout,
+                retention: config.jobs.retention,
+            },
+            Arc::new(jobs::runner::RunnerCounters::default()),
+            stop_rx.clone(),
+        )))
+    } else {
+        None
+    };
+    let mut server_stop = stop_rx;
+    let stopped = async move {
+        while !*server_stop.borrow_and_update() {
+            if server_stop.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let (served, ()) = tokio::join!(serve(listener, services, &config.limits, stopped), signal);
+    if let Some(workers) = workers {
+        // Finishes or hands back the jobs it holds (bounded by the drain timeout).
+        let _ = workers.await;
+    }
+    served?;
     pool.close().await;
     Ok(())
 }

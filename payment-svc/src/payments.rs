@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Acquire as _, PgConnection, PgPool, Row};
 
 mod followup;
+mod processing;
 
 pub use followup::{Action, EncodeFollowUp, FollowUp, Refund, RefundStatus, get_refund};
 
@@ -32,11 +33,13 @@ use crate::acquirer::{
     Acquirer, AcquirerError, AuthorizeRequest, Operation, OperationKind, OperationStatus,
 };
 use crate::audit::{self, AuditEvent};
+use crate::config::JobsConfig;
 use crate::domain::Money;
 use crate::domain::card::CardDetails;
 use crate::error::{Error, stored_names};
 use crate::idempotency::{self, Claim, Claimed, Outcome, Stored};
-use crate::ledger::{self, Movement, MovementKind, new_id};
+use crate::jobs::{self, JobKind};
+use crate::ledger::{self, new_id};
 use crate::vault::{Sealed, Vault};
 
 /// Where a payment is.
@@ -79,6 +82,20 @@ stored_names!(CaptureMethod {
     Manual => "manual",
 });
 
+/// How CreatePayment waits for the acquirer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentMode {
+    /// Within the call; a job finishes what the call could not.
+    Sync,
+    /// PENDING at once; a job does the work.
+    Async,
+}
+
+stored_names!(PaymentMode {
+    Sync => "sync",
+    Async => "async",
+});
+
 /// A payment as stored, with its card summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payment {
@@ -98,8 +115,8 @@ pub struct Payment {
     pub status: PaymentStatus,
     /// Automatic or manual capture.
     pub capture_method: CaptureMethod,
-    /// Always SYNC for now.
-    pub mode: &'static str,
+    /// SYNC or ASYNC.
+    pub mode: PaymentMode,
     /// Card brand.
     pub card_brand: String,
     /// Card last four digits.
@@ -135,6 +152,8 @@ pub struct NewPayment {
     pub card: CardDetails,
     /// When to capture.
     pub capture_method: CaptureMethod,
+    /// SYNC or ASYNC.
+    pub mode: PaymentMode,
     /// Free text.
     pub description: String,
     /// Caller metadata.
@@ -156,6 +175,57 @@ pub struct Payments {
     pub acquirer_timeout: Duration,
     /// How long a request holds its idempotency key between phases.
     pub lease: Duration,
+    /// Background jobs (attempts, backoff, the void timer).
+    pub jobs: JobsConfig,
+}
+
+/// The job handler: each job drives its payment (see `processing`).
+#[derive(Debug, Clone)]
+pub struct PaymentJobs {
+    payments: Payments,
+    void_after: Duration,
+}
+
+impl PaymentJobs {
+    /// Jobs over `payments`, voiding authorizations uncaptured after `void_after`.
+    pub fn new(payments: Payments, void_after: Duration) -> Self {
+        Self {
+            payments,
+            void_after,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl jobs::runner::Handler for PaymentJobs {
+    async fn perform(&self, claimed: &jobs::Claimed) -> jobs::JobOutcome {
+        self.payments.drive(claimed, self.void_after).await
+    }
+}
+
+impl Payments {
+    /// Gives `payment_id` a job (or wakes its live one) in the caller's transaction.
+    async fn enqueue(
+        &self,
+        connection: &mut PgConnection,
+        owner_id: &str,
+        payment_id: &str,
+        kind: JobKind,
+        delay: Duration,
+    ) -> Result<(), Error> {
+        jobs::enqueue(
+            connection,
+            &jobs::NewJob {
+                kind,
+                owner_id,
+                payment_id,
+                max_attempts: self.jobs.max_attempts,
+                delay,
+            },
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 const PAYMENT_SELECT: &str = "SELECT p.id, p.owner_id, p.merchant_account_id, p.currency, p.amount, p.amount_captured, \
@@ -175,7 +245,7 @@ fn payment_from_row(row: &sqlx::postgres::PgRow) -> Result<Payment, Error> {
         amount_refunded: Money::new(row.try_get("amount_refunded")?, currency),
         status: PaymentStatus::parse(row.try_get("status")?)?,
         capture_method: CaptureMethod::parse(row.try_get("capture_method")?)?,
-        mode: "sync",
+        mode: PaymentMode::parse(row.try_get("mode")?)?,
         card_brand: row.try_get("brand")?,
         card_last4: row.try_get("last4")?,
         card_exp_month: row.try_get("exp_month")?,
@@ -246,6 +316,14 @@ pub async fn list(
     rows.iter().map(payment_from_row).collect()
 }
 
+/// Where a new payment starts.
+fn initial_status(mode: PaymentMode) -> PaymentStatus {
+    match mode {
+        PaymentMode::Sync => PaymentStatus::Processing,
+        PaymentMode::Async => PaymentStatus::Pending,
+    }
+}
+
 /// How a finished CreatePayment's payment becomes the stored response.
 pub type Encode = Arc<dyn Fn(&Payment) -> Vec<u8> + Send + Sync>;
 
@@ -294,7 +372,7 @@ impl Payments {
     ) -> Result<Outcome, Error> {
         loop {
             let next = match (recovery_point.as_str(), payment_id.as_deref()) {
-                ("started", _) => match self.phase_create(claim, new).await? {
+                ("started", _) => match self.phase_create(claim, new, encode).await? {
                     PhaseResult::Next(id) => {
                         *payment_id = Some(id);
                         "payment_created"
@@ -327,11 +405,25 @@ impl Payments {
         &self,
         claim: &Claim<'_>,
         new: &NewPayment,
+        encode: &Encode,
     ) -> Result<PhaseResult, Error> {
         let mut transaction = self.pool.begin().await?;
         let mut savepoint = transaction.begin().await?;
         let created = self.insert_payment(&mut savepoint, new).await;
         match created {
+            Ok(payment_id) if new.mode == PaymentMode::Async => {
+                // PENDING at once; a job does the work.
+                savepoint.commit().await?;
+                self.enqueue(
+                    &mut transaction,
+                    &new.owner_id,
+                    &payment_id,
+                    JobKind::ProcessPayment,
+                    Duration::ZERO,
+                )
+                .await?;
+                self.finish(transaction, claim, &payment_id, encode).await
+            }
             Ok(payment_id) => {
                 savepoint.commit().await?;
                 idempotency::advance(
@@ -400,7 +492,7 @@ impl Payments {
         let payment_id = new_id("pay");
         sqlx::query(
             "INSERT INTO payments (id, owner_id, merchant_account_id, currency, amount, status, capture_method, mode, \
-             card_id, description, metadata) VALUES ($1, $2, $3, $4, $5, 'processing', $6, 'sync', $7, $8, $9)",
+             card_id, description, metadata) VALUES ($1, $2, $3, $4, $5, $10, $6, $11, $7, $8, $9)",
         )
         .bind(&payment_id)
         .bind(&new.owner_id)
@@ -411,6 +503,8 @@ impl Payments {
         .bind(&card_id)
         .bind(&new.description)
         .bind(sqlx::types::Json(&new.metadata))
+        .bind(initial_status(new.mode).as_str())
+        .bind(new.mode.as_str())
         .execute(&mut *connection)
         .await?;
         insert_attempt(
@@ -433,7 +527,8 @@ impl Payments {
                 entity_id: &payment_id,
                 before: None,
                 after: Some(serde_json::json!({
-                    "status": "processing",
+                    "status": initial_status(new.mode).as_str(),
+                    "mode": new.mode.as_str(),
                     "amount_minor": new.amount.amount_minor(),
                     "currency": new.amount.currency().code(),
                     "merchant_account_id": new.merchant_account_id,
@@ -457,7 +552,9 @@ impl Payments {
         let (attempt_id, amount, card) = {
             let mut connection = self.pool.acquire().await?;
             let attempt = pending_attempt(&mut connection, payment_id, "authorize").await?;
-            let card = self.stored_card(&mut connection, payment_id, new).await?;
+            let card = self
+                .stored_card(&mut connection, payment_id, Some(new))
+                .await?;
             (attempt.0, attempt.1, card)
         };
         let result = tokio::time::timeout(
@@ -496,6 +593,15 @@ impl Payments {
                         "",
                     )
                     .await?;
+                    // The void timer: uncaptured authorizations do not stay forever.
+                    self.enqueue(
+                        &mut transaction,
+                        &payment.owner_id,
+                        payment_id,
+                        JobKind::VoidExpired,
+                        self.jobs.void_after,
+                    )
+                    .await?;
                     return self.finish(transaction, claim, payment_id, encode).await;
                 }
                 insert_attempt(
@@ -530,9 +636,25 @@ impl Payments {
                 .await?;
                 self.finish(transaction, claim, payment_id, encode).await
             }
-            // No charge exists but nothing is settled either (processing error, timeout,
-            // unavailable): the payment stays PROCESSING, which is the SYNC answer.
-            _ => self.finish(transaction, claim, payment_id, encode).await,
+            // Not settled (processing error, timeout, unavailable): the payment stays
+            // PROCESSING, which is the SYNC answer, and a job takes over — looking the
+            // attempt up first when its outcome is unknown.
+            _ => {
+                let kind = if matches!(result, Err(AcquirerError::Timeout)) {
+                    JobKind::ResolveUnknown
+                } else {
+                    JobKind::ProcessPayment
+                };
+                self.enqueue(
+                    &mut transaction,
+                    &payment.owner_id,
+                    payment_id,
+                    kind,
+                    self.jobs.backoff_base,
+                )
+                .await?;
+                self.finish(transaction, claim, payment_id, encode).await
+            }
         }
     }
 
@@ -570,56 +692,23 @@ impl Payments {
         let mut transaction = self.pool.begin().await?;
         record_attempt(&mut transaction, &attempt_id, &result).await?;
         let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
-        if matches!(&result, Ok(op) if op.status == OperationStatus::Approved)
-            && payment.status == PaymentStatus::Processing
-        {
-            let moved = sqlx::query(
-                "UPDATE payments SET status = 'succeeded', amount_captured = $2, updated_at = now() \
-                 WHERE id = $1 AND status = 'processing'",
+        if matches!(&result, Ok(op) if op.status == OperationStatus::Approved) {
+            followup::capture_settled(&mut transaction, &payment, amount, "").await?;
+        } else {
+            // Not captured yet (or not known to be): a job settles it.
+            let kind = if matches!(result, Err(AcquirerError::Timeout)) {
+                JobKind::ResolveUnknown
+            } else {
+                JobKind::ProcessPayment
+            };
+            self.enqueue(
+                &mut transaction,
+                &payment.owner_id,
+                payment_id,
+                kind,
+                self.jobs.backoff_base,
             )
-            .bind(payment_id)
-            .bind(amount.amount_minor())
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected();
-            if moved == 1 {
-                let settlement = ledger::system_account(
-                    &mut transaction,
-                    "acquirer_settlement",
-                    amount.currency(),
-                )
-                .await?;
-                ledger::post(
-                    &mut transaction,
-                    &Movement {
-                        owner_id: payment.owner_id.clone(),
-                        kind: MovementKind::Capture,
-                        reference_id: payment_id.to_owned(),
-                        from_account_id: settlement,
-                        to_account_id: payment.merchant_account_id.clone(),
-                        amount,
-                        description: String::new(),
-                    },
-                )
-                .await?;
-                audit::record(
-                    &mut transaction,
-                    AuditEvent {
-                        owner_id: &payment.owner_id,
-                        principal: &payment.owner_id,
-                        action: "payment.capture",
-                        entity_type: "payment",
-                        entity_id: payment_id,
-                        before: Some(serde_json::json!({ "status": payment.status.as_str() })),
-                        after: Some(serde_json::json!({
-                            "status": "succeeded",
-                            "amount_captured_minor": amount.amount_minor(),
-                        })),
-                        request_id: "",
-                    },
-                )
-                .await?;
-            }
+            .await?;
         }
         self.finish(transaction, claim, payment_id, encode).await
     }
@@ -645,7 +734,7 @@ impl Payments {
         &self,
         connection: &mut PgConnection,
         payment_id: &str,
-        new: &NewPayment,
+        new: Option<&NewPayment>,
     ) -> Result<CardDetails, Error> {
         let row = sqlx::query(
             "SELECT c.id, c.key_id, c.nonce, c.ciphertext, c.exp_month, c.exp_year \
@@ -664,9 +753,9 @@ impl Payments {
             .vault
             .open(&card_id, &sealed)
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let cvc = (pan == new.card.pan)
-            .then(|| new.card.cvc.clone())
-            .flatten();
+        let cvc = new
+            .filter(|new| new.card.pan == pan)
+            .and_then(|new| new.card.cvc.clone());
         Ok(CardDetails {
             pan,
             exp_month: u8::try_from(row.try_get::<i16, _>("exp_month")?).unwrap_or(0),

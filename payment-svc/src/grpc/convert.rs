@@ -7,8 +7,9 @@ use proto::payments::v1 as pb;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::domain::Money;
+use crate::jobs::{Job, JobState};
 use crate::ledger::{Account, AccountKind, Balance, Entry, MovementKind};
-use crate::payments::{CaptureMethod, Payment, PaymentStatus, Refund, RefundStatus};
+use crate::payments::{CaptureMethod, Payment, PaymentMode, PaymentStatus, Refund, RefundStatus};
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -90,6 +91,13 @@ pub(crate) fn payment_status(status: PaymentStatus) -> pb::PaymentStatus {
     }
 }
 
+pub(crate) fn payment_mode(mode: PaymentMode) -> pb::PaymentMode {
+    match mode {
+        PaymentMode::Sync => pb::PaymentMode::Sync,
+        PaymentMode::Async => pb::PaymentMode::Async,
+    }
+}
+
 pub(crate) fn payment(payment: &Payment) -> pb::Payment {
     pb::Payment {
         id: payment.id.clone(),
@@ -102,7 +110,7 @@ pub(crate) fn payment(payment: &Payment) -> pb::Payment {
             CaptureMethod::Automatic => pb::CaptureMethod::Automatic,
             CaptureMethod::Manual => pb::CaptureMethod::Manual,
         } as i32,
-        mode: pb::PaymentMode::Sync as i32,
+        mode: payment_mode(payment.mode) as i32,
         card: Some(pb::CardSummary {
             brand: payment.card_brand.clone(),
             last4: payment.card_last4.clone(),
@@ -133,6 +141,49 @@ pub(crate) fn refund(refund: &Refund) -> pb::Refund {
         failure_message: refund.failure_message.clone(),
         create_time: Some(timestamp(refund.created_at)),
         update_time: Some(timestamp(refund.updated_at)),
+    }
+}
+
+pub(crate) fn job_state(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Available => pb::JobState::Available,
+        JobState::Scheduled => pb::JobState::Scheduled,
+        JobState::Executing => pb::JobState::Executing,
+        JobState::Retryable => pb::JobState::Retryable,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::Discarded => pb::JobState::Discarded,
+        JobState::Dead => pb::JobState::Dead,
+    }
+}
+
+/// A ListJobs filter: `None` for any state; `Err` when not a state.
+pub(crate) fn job_state_filter(state: i32) -> Result<Option<JobState>, ()> {
+    Ok(match pb::JobState::try_from(state).map_err(|_| ())? {
+        pb::JobState::Unspecified => None,
+        pb::JobState::Available => Some(JobState::Available),
+        pb::JobState::Scheduled => Some(JobState::Scheduled),
+        pb::JobState::Executing => Some(JobState::Executing),
+        pb::JobState::Retryable => Some(JobState::Retryable),
+        pb::JobState::Completed => Some(JobState::Completed),
+        pb::JobState::Cancelled => Some(JobState::Cancelled),
+        pb::JobState::Discarded => Some(JobState::Discarded),
+        pb::JobState::Dead => Some(JobState::Dead),
+    })
+}
+
+pub(crate) fn job(job: &Job) -> pb::Job {
+    pb::Job {
+        id: job.id,
+        kind: job.kind.as_str().to_owned(),
+        payment_id: job.payment_id.clone(),
+        state: job_state(job.state) as i32,
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        last_error: job.last_error.clone(),
+        schedule_time: Some(timestamp(job.schedule_at)),
+        create_time: Some(timestamp(job.created_at)),
+        update_time: Some(timestamp(job.updated_at)),
     }
 }
 

@@ -33,8 +33,11 @@ use crate::domain::money::DEFAULT_CURRENCY;
 use crate::domain::{Currency, IdempotencyKey, Money};
 use crate::error::Error;
 use crate::idempotency::{self, Claim, REPLAYED_HEADER, Stored};
+use crate::jobs;
 use crate::ledger::{self, AccountKind, Movement, MovementKind, NewAccount};
-use crate::payments::{self, Action, CaptureMethod, FollowUp, NewPayment, PaymentStatus};
+use crate::payments::{
+    self, Action, CaptureMethod, FollowUp, NewPayment, PaymentMode, PaymentStatus,
+};
 
 /// Settings of the gRPC edge.
 #[derive(Debug, Clone)]
@@ -319,6 +322,7 @@ impl PaymentApi {
 const CREATE_ACCOUNT: &str = "/paysuite.payments.v1.PaymentService/CreateAccount";
 const CREATE_TRANSFER: &str = "/paysuite.payments.v1.PaymentService/CreateTransfer";
 const CREATE_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CreatePayment";
+const RETRY_JOB: &str = "/paysuite.payments.v1.PaymentAdminService/RetryJob";
 const CAPTURE_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CapturePayment";
 const CANCEL_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/CancelPayment";
 const REFUND_PAYMENT: &str = "/paysuite.payments.v1.PaymentService/RefundPayment";
@@ -328,6 +332,13 @@ struct AuditPageToken {
     owner: String,
     entity_type: String,
     entity_id: String,
+    after: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JobsPageToken {
+    owner: String,
+    state: i32,
     after: i64,
 }
 
@@ -568,16 +579,19 @@ impl PaymentService for PaymentApi {
                 None
             }
         };
-        match pb::PaymentMode::try_from(normalized.mode) {
-            Ok(pb::PaymentMode::Unspecified | pb::PaymentMode::Sync) => {}
-            Ok(pb::PaymentMode::Async) => return Err(not_yet("CreatePayment in ASYNC mode")),
-            Err(_) => violations.add("mode", "is not a payment mode"),
-        }
+        let mode = match pb::PaymentMode::try_from(normalized.mode) {
+            Ok(pb::PaymentMode::Unspecified | pb::PaymentMode::Sync) => Some(PaymentMode::Sync),
+            Ok(pb::PaymentMode::Async) => Some(PaymentMode::Async),
+            Err(_) => {
+                violations.add("mode", "is not a payment mode");
+                None
+            }
+        };
         check_text(&mut violations, "description", &normalized.description);
         check_labels(&mut violations, "metadata", &normalized.metadata);
         violations.into_result()?;
-        let (Some(key), Some(amount), Some(card), Some(capture_method)) =
-            (key, amount, card, capture_method)
+        let (Some(key), Some(amount), Some(card), Some(capture_method), Some(mode)) =
+            (key, amount, card, capture_method, mode)
         else {
             return Err(Status::internal("validation passed without values"));
         };
@@ -589,7 +603,7 @@ impl PaymentService for PaymentApi {
             CaptureMethod::Automatic => pb::CaptureMethod::Automatic,
             CaptureMethod::Manual => pb::CaptureMethod::Manual,
         } as i32;
-        normalized.mode = pb::PaymentMode::Sync as i32;
+        normalized.mode = convert::payment_mode(mode) as i32;
         if let Some(card) = normalized.card.as_mut() {
             card.cvc.clear();
         }
@@ -600,6 +614,7 @@ impl PaymentService for PaymentApi {
             amount,
             card,
             capture_method,
+            mode,
             description: normalized.description.clone(),
             metadata: normalized.metadata.clone(),
             request_id,
@@ -1010,15 +1025,92 @@ impl PaymentAdminService for PaymentApi {
 
     async fn list_jobs(
         &self,
-        _request: Request<pb::ListJobsRequest>,
+        request: Request<pb::ListJobsRequest>,
     ) -> RpcResult<pb::ListJobsResponse> {
-        Err(not_yet("ListJobs"))
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, request.page_size, 100, 500);
+        let state = match convert::job_state_filter(request.state) {
+            Ok(state) => state,
+            Err(()) => {
+                violations.add("state", "is not a job state");
+                None
+            }
+        };
+        let after = page_token(
+            &mut violations,
+            &request.page_token,
+            |token: JobsPageToken| {
+                (token.owner == identity.principal && token.state == request.state)
+                    .then_some(token.after)
+            },
+        )
+        .unwrap_or(0);
+        violations.into_result()?;
+        let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+        let found = jobs::list(&mut connection, state, after, limit + 1).await?;
+        let (page, next_page_token) = page(found, limit, |last| JobsPageToken {
+            owner: identity.principal.clone(),
+            state: request.state,
+            after: last.id,
+        });
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: page.iter().map(convert::job).collect(),
+            next_page_token,
+        }))
     }
 
     async fn retry_job(
         &self,
-        _request: Request<pb::RetryJobRequest>,
+        request: Request<pb::RetryJobRequest>,
     ) -> RpcResult<pb::RetryJobResponse> {
-        Err(not_yet("RetryJob"))
+        let identity = caller(&request)?;
+        let request_id = request_id(&request);
+        let mut normalized = request.into_inner();
+        let mut violations = Violations::new();
+        let key = parse_key(&mut violations, &normalized.idempotency_key);
+        if normalized.job_id <= 0 {
+            violations.add("job_id", "must be a job id");
+        }
+        violations.into_result()?;
+        let Some(key) = key else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        normalized.idempotency_key.clear();
+        let job_id = normalized.job_id;
+        let principal = identity.principal.clone();
+        self.idempotent(
+            RETRY_JOB,
+            &identity.principal,
+            key,
+            &normalized,
+            move |connection| {
+                let principal = principal.clone();
+                let request_id = request_id.clone();
+                Box::pin(async move {
+                    let job = jobs::retry_dead(connection, job_id).await?;
+                    audit::record(
+                        connection,
+                        AuditEvent {
+                            owner_id: &job.owner_id,
+                            principal: &principal,
+                            action: "job.retry",
+                            entity_type: "job",
+                            entity_id: &job.id.to_string(),
+                            before: Some(serde_json::json!({ "state": "dead" })),
+                            after: Some(serde_json::json!({ "state": job.state.as_str() })),
+                            request_id: &request_id,
+                        },
+                    )
+                    .await?;
+                    Ok(pb::RetryJobResponse {
+                        job: Some(convert::job(&job)),
+                    }
+                    .encode_to_vec())
+                })
+            },
+        )
+        .await
     }
 }

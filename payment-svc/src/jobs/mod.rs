@@ -5,7 +5,7 @@
 //!
 //! - [`enqueue`] runs inside the caller's transaction: a rolled-back state change leaves
 //!   no job. A payment has at most one live job (a partial unique index); enqueueing a
-//!   second one is a no-op that returns `None`. Commit wakes workers (NOTIFY).
+//!   second one wakes the live one instead. Commit wakes workers (NOTIFY).
 //! - [`claim`] takes due jobs with `FOR UPDATE SKIP LOCKED`, and executing jobs whose lease
 //!   ran out (their worker died: a takeover). Each claim bumps the job's fencing token.
 //! - A job's writes go through [`fence`] (in the writing transaction), and its outcome
@@ -150,8 +150,9 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Enqueues `job` in the caller's transaction; `None` when the payment already has a
-/// live job (which will do the work).
+/// Enqueues `job` in the caller's transaction. When the payment already has a live job,
+/// that job does the work instead: if it is waiting (scheduled, or in a backoff) it is
+/// woken to run within `job.delay`, and `None` is returned.
 pub async fn enqueue(
     connection: &mut PgConnection,
     job: &NewJob<'_>,
@@ -170,12 +171,20 @@ pub async fn enqueue(
     .bind(millis(job.delay))
     .fetch_optional(&mut *connection)
     .await?;
-    if id.is_some() {
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(CHANNEL)
-            .execute(&mut *connection)
-            .await?;
+    if id.is_none() {
+        sqlx::query(
+            "UPDATE jobs SET schedule_at = least(schedule_at, now() + make_interval(secs => $2::double precision / 1000)), \
+             updated_at = now() WHERE payment_id = $1 AND state IN ('scheduled', 'retryable')",
+        )
+        .bind(job.payment_id)
+        .bind(millis(job.delay))
+        .execute(&mut *connection)
+        .await?;
     }
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(&mut *connection)
+        .await?;
     Ok(id)
 }
 
@@ -437,6 +446,19 @@ pub async fn reap(pool: &PgPool, retention: Duration) -> Result<u64, Error> {
     .execute(pool)
     .await?
     .rows_affected())
+}
+
+/// How long until the next job falls due (a scheduled or retryable job's time, or an
+/// executing job's lease running out); `None` when nothing is waiting.
+pub async fn next_due(pool: &PgPool) -> Result<Option<Duration>, Error> {
+    let millis: Option<i64> = sqlx::query_scalar(
+        "SELECT greatest(0, ceil(extract(epoch FROM least( \
+           (SELECT min(schedule_at) FROM jobs WHERE state IN ('available', 'scheduled', 'retryable')), \
+           (SELECT min(locked_until) FROM jobs WHERE state = 'executing')) - now()) * 1000))::bigint",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(millis.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))))
 }
 
 /// The queue at a glance (metrics).

@@ -144,7 +144,24 @@ pub async fn run(
                 Err(err) => tracing::warn!(error = %err, "reaping jobs failed"),
             }
         }
-        // Wait for a reason to claim again.
+        // Wait for a reason to claim again: a notification, a free slot, or the next job
+        // falling due; the poll is only a safety net.
+        let wait = match super::next_due(&pool).await {
+            Ok(Some(due)) => due.min(config.poll_interval),
+            Ok(None) => config.poll_interval,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the queue failed");
+                config.poll_interval
+            }
+        };
+        // Due jobs that could not be claimed (no free slot) wait for a slot instead.
+        let wait = if wait.is_zero() && slots.available_permits() > 0 {
+            Duration::from_millis(10)
+        } else if wait.is_zero() {
+            config.poll_interval
+        } else {
+            wait
+        };
         tokio::select! {
             _ = shutdown.changed() => {}
             Some(_) = running.join_next(), if !running.is_empty() => {}
@@ -156,7 +173,7 @@ pub async fn run(
                     counters.notified.fetch_add(1, Relaxed);
                 }
             }
-            () = tokio::time::sleep(config.poll_interval) => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
     // Shutdown: let running jobs finish within the drain timeout; the rest are handed back

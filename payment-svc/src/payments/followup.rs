@@ -33,6 +33,7 @@ use crate::audit::{self, AuditEvent};
 use crate::domain::Money;
 use crate::error::{Error, stored_names};
 use crate::idempotency::{self, Claim, Claimed, Outcome, Stored};
+use crate::jobs::JobKind;
 use crate::ledger::{self, Movement, MovementKind, new_id};
 
 /// What to do to a payment.
@@ -125,7 +126,7 @@ struct Attempt {
 }
 
 /// How the acquirer's answer settles the operation.
-enum Verdict {
+pub(super) enum Verdict {
     Approved,
     /// Refused for good (declined, or the acquirer rejected the request).
     Refused {
@@ -140,7 +141,7 @@ enum Verdict {
     Unknown,
 }
 
-fn verdict(result: &Result<Operation, AcquirerError>) -> Verdict {
+pub(super) fn verdict(result: &Result<Operation, AcquirerError>) -> Verdict {
     match result {
         Ok(op) => match &op.status {
             OperationStatus::Approved => Verdict::Approved,
@@ -298,6 +299,16 @@ impl Payments {
                     Error::Internal(format!("refund attempt {} without a refund", attempt.id))
                 })?;
                 settle_refund(&mut transaction, &payment, refund_id, &verdict, request_id).await?;
+                if matches!(verdict, Verdict::Unknown) {
+                    self.enqueue(
+                        &mut transaction,
+                        &payment.owner_id,
+                        &payment.id,
+                        JobKind::ResolveRefund,
+                        self.jobs.backoff_base,
+                    )
+                    .await?;
+                }
                 let payment = get(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
                 let refund = get_refund(&mut transaction, refund_id).await?;
                 let stored = Stored::Response(encode(&payment, Some(&refund)));
@@ -354,9 +365,18 @@ impl Payments {
                     attempt.kind.as_str()
                 )));
             }
-            // It may have happened: the payment stays PROCESSING until the attempt is
-            // looked up.
-            Verdict::Unknown => {}
+            // It may have happened: the payment stays PROCESSING until a job looks the
+            // attempt up.
+            Verdict::Unknown => {
+                self.enqueue(
+                    &mut transaction,
+                    &payment.owner_id,
+                    &payment.id,
+                    JobKind::ResolveUnknown,
+                    self.jobs.backoff_base,
+                )
+                .await?;
+            }
         }
         let payment = get(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
         let stored = Stored::Response(encode(&payment, None));
@@ -610,7 +630,7 @@ async fn load_attempt(connection: &mut PgConnection, attempt_id: &str) -> Result
 }
 
 /// An approved capture: the payment SUCCEEDED and the money moves to the merchant.
-async fn capture_settled(
+pub(super) async fn capture_settled(
     connection: &mut PgConnection,
     payment: &Payment,
     amount: Money,
@@ -663,7 +683,7 @@ async fn capture_settled(
 }
 
 /// Records a refund's outcome: settled, returned to the merchant, or still pending.
-async fn settle_refund(
+pub(super) async fn settle_refund(
     connection: &mut PgConnection,
     payment: &Payment,
     refund_id: &str,

@@ -23,12 +23,17 @@ struct Setup {
     merchant: String,
 }
 
+/// payment-svc without background workers: these tests look at what the calls alone do
+/// (the jobs that settle unknown outcomes are tested in `background`).
 async fn setup() -> anyhow::Result<Setup> {
     let database = TestDatabase::create().await?;
     let sandbox = Sandbox::new(SandboxSettings::default());
     let service = services::payment_with_acquirer(
         &database,
-        |config| config.acquirer_timeout = Duration::from_millis(300),
+        |config| {
+            config.acquirer_timeout = Duration::from_millis(300);
+            config.jobs.enabled = false;
+        },
         Arc::new(sandbox.clone()),
     )
     .await?;

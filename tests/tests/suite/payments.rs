@@ -24,11 +24,20 @@ struct Setup {
     merchant: String,
 }
 
+/// payment-svc without background workers: these tests look at what the calls alone do
+/// (the jobs that finish PROCESSING payments are tested in `background`).
 async fn setup(adjust: impl FnOnce(&mut payment_svc::Config)) -> anyhow::Result<Setup> {
     let database = TestDatabase::create().await?;
     let sandbox = Sandbox::new(SandboxSettings::default());
-    let service =
-        services::payment_with_acquirer(&database, adjust, Arc::new(sandbox.clone())).await?;
+    let service = services::payment_with_acquirer(
+        &database,
+        |config| {
+            config.jobs.enabled = false;
+            adjust(config);
+        },
+        Arc::new(sandbox.clone()),
+    )
+    .await?;
     let channel = tonic::transport::Channel::from_shared(service.endpoint())?
         .connect()
         .await?;

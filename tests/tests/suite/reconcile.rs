@@ -24,7 +24,11 @@ async fn reconcile_finds_no_difference_after_a_clean_workload_and_every_planted_
     let sandbox = Sandbox::new(SandboxSettings::default());
     let service = services::payment_with_acquirer(
         &database,
-        |config| config.acquirer_timeout = Duration::from_millis(300),
+        |config| {
+            config.acquirer_timeout = Duration::from_millis(300);
+            // Only what the calls did: no job adds attempts while the books are compared.
+            config.jobs.enabled = false;
+        },
         Arc::new(sandbox.clone()),
     )
     .await?;
