@@ -53,6 +53,9 @@ pub const ENV_JOB_RETENTION: &str = "JOB_RETENTION";
 /// `AUTHORIZATION_VOID_AFTER`: uncaptured authorizations are voided after this.
 pub const ENV_AUTHORIZATION_VOID_AFTER: &str = "AUTHORIZATION_VOID_AFTER";
 
+/// `STREAM_POLL_INTERVAL`: the safety-net poll of balance and event streams (they wake on NOTIFY).
+pub const ENV_STREAM_POLL_INTERVAL: &str = "STREAM_POLL_INTERVAL";
+
 /// Background jobs.
 #[derive(Debug, Clone)]
 pub struct JobsConfig {
@@ -180,6 +183,8 @@ pub struct Config {
     pub sandbox_slow_answer: Duration,
     /// Background jobs.
     pub jobs: JobsConfig,
+    /// The safety-net poll of streams.
+    pub stream_poll_interval: Duration,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -240,6 +245,8 @@ impl Config {
                 max
             },
             jobs: JobsConfig::from_env(env)?,
+            stream_poll_interval: env
+                .duration_or(ENV_STREAM_POLL_INTERVAL, Duration::from_secs(10))?,
             limits: ServerLimits::from_env(env)?,
         })
     }

@@ -34,6 +34,7 @@ pub const SERVICE_PRIVILEGES: &[(&str, &str)] = &[
     ("payments", "SELECT, INSERT, UPDATE"),
     ("attempts", "SELECT, INSERT, UPDATE"),
     ("refunds", "SELECT, INSERT, UPDATE"),
+    ("payment_events", "SELECT, INSERT"),
     // Finished jobs are reaped after their retention.
     ("jobs", "SELECT, INSERT, UPDATE, DELETE"),
 ];
@@ -144,16 +145,26 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
                 quote_identifier(table)
             ));
         }
+        // Replicas migrate on start at the same time: one at a time past this point
+        // (concurrent ALTER ROLE on one role fails with "tuple concurrently updated").
+        let query_error = |source| DbError::Query {
+            target: target.clone(),
+            source,
+        };
+        let mut transaction = pool.begin().await.map_err(query_error)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(GRANTS_LOCK)
+            .execute(&mut *transaction)
+            .await
+            .map_err(query_error)?;
         for statement in statements {
             sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-                .execute(&pool)
+                .execute(&mut *transaction)
                 .await
-                .map_err(|source| DbError::Query {
-                    target: target.clone(),
-                    source,
-                })?;
+                .map_err(query_error)?;
         }
-        set_role_timeouts(&pool, service_role, config, &target).await?;
+        set_role_timeouts(&mut transaction, service_role, config, &target).await?;
+        transaction.commit().await.map_err(query_error)?;
     }
     tracing::info!(database = %target, "migrations applied");
     pool.close().await;
@@ -166,7 +177,7 @@ pub async fn migrate(config: &DatabaseConfig) -> Result<(), DbError> {
 /// CREATEROLE attribute; without it the service's own connections still carry the
 /// timeouts, and a warning says what the operator should set.
 async fn set_role_timeouts(
-    pool: &PgPool,
+    connection: &mut PgConnection,
     role: &str,
     config: &DatabaseConfig,
     target: &str,
@@ -179,6 +190,14 @@ async fn set_role_timeouts(
             config.idle_in_transaction_timeout,
         ),
     ];
+    // A refusal must not abort the caller's transaction.
+    sqlx::raw_sql("SAVEPOINT role_timeouts")
+        .execute(&mut *connection)
+        .await
+        .map_err(|source| DbError::Query {
+            target: target.to_owned(),
+            source,
+        })?;
     for (setting, value) in settings {
         let statement = format!(
             "DO $do$ BEGIN EXECUTE format('ALTER ROLE %I IN DATABASE %I SET {setting} = %L', \
@@ -187,13 +206,20 @@ async fn set_role_timeouts(
             millis(value)
         );
         match sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-            .execute(pool)
+            .execute(&mut *connection)
             .await
         {
             Ok(_) => {}
             Err(sqlx::Error::Database(err))
                 if err.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) =>
             {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT role_timeouts")
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(|source| DbError::Query {
+                        target: target.to_owned(),
+                        source,
+                    })?;
                 tracing::warn!(
                     database = %target,
                     role,
@@ -213,6 +239,9 @@ async fn set_role_timeouts(
     }
     Ok(())
 }
+
+/// The advisory lock that serializes granting and role settings between replicas.
+const GRANTS_LOCK: i64 = 0x7061_7973_7569_7465;
 
 /// SQLSTATE of a refused privilege.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";

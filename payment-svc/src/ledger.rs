@@ -239,6 +239,9 @@ pub async fn list_accounts(
     rows.iter().map(account_from_row).collect()
 }
 
+/// The channel a committed movement notifies (streams of balances wake on it).
+pub const CHANNEL: &str = "paysuite_ledger";
+
 /// The system accounts of every currency in use.
 pub const SYSTEM_ACCOUNTS: [&str; 2] = ["acquirer_settlement", "refunds_pending"];
 
@@ -428,6 +431,11 @@ pub async fn post(connection: &mut PgConnection, movement: &Movement) -> Result<
             .await?;
         }
     }
+    // Wakes balance streams on every replica once this commits.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(&mut *connection)
+        .await?;
     Ok(Posted {
         movement_id,
         created_at,

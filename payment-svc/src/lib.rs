@@ -5,6 +5,7 @@
 //! - [`domain`]: money, keys and the other types business code works with — no IO, no protobuf.
 //! - [`db`]: the connection pool, migrations and the service role's privileges.
 //! - [`ledger`]: accounts and the double-entry, append-only ledger.
+//! - [`notify`]: LISTEN/NOTIFY wake-ups for streams on every replica.
 //! - [`idempotency`]: idempotency keys — claim, fingerprint, stored answers, replay.
 //! - [`audit`]: the append-only audit trail.
 //! - [`jobs`]: the durable job queue and its workers.
@@ -27,6 +28,7 @@ mod grpc;
 pub mod idempotency;
 pub mod jobs;
 pub mod ledger;
+pub mod notify;
 pub mod payments;
 pub mod reconcile;
 pub mod rotation;
@@ -94,13 +96,16 @@ where
         max_amount_minor: config.max_amount_minor,
         payments: payments.clone(),
     };
-    let services =
-        grpc::services(pool.clone(), settings).require_identity(config.identity.verifier());
-
-    // One shutdown signal for the server and the workers.
+    // One shutdown signal for the server, the workers and the stream notifier.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let listener_pool = db::listener_pool(&config.database)?;
+    let streams = grpc::StreamSettings {
+        notifier: notify::Notifier::start(listener_pool.clone(), stop_rx.clone()),
+        poll_interval: config.stream_poll_interval,
+    };
+    let services = grpc::services(pool.clone(), settings, streams)
+        .require_identity(config.identity.verifier());
     let workers = if config.jobs.enabled {
-        let listener_pool = db::listener_pool(&config.database)?;
         Some(tokio::spawn(jobs::runner::run(
             pool.clone(),
             listener_pool,

@@ -24,6 +24,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire as _, PgConnection, PgPool, Row};
 
+pub mod events;
 mod followup;
 mod processing;
 
@@ -517,6 +518,7 @@ impl Payments {
             None,
         )
         .await?;
+        events::payment_changed(connection, &payment_id, events::EventType::PaymentCreated).await?;
         audit::record(
             connection,
             AuditEvent {
@@ -874,6 +876,9 @@ async fn set_status(
     .await?
     .rows_affected();
     if moved == 1 {
+        if let Some(event_type) = events::EventType::of_status(status) {
+            events::payment_changed(connection, &payment.id, event_type).await?;
+        }
         audit::record(
             connection,
             AuditEvent {

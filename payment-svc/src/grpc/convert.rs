@@ -9,6 +9,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::domain::Money;
 use crate::jobs::{Job, JobState};
 use crate::ledger::{Account, AccountKind, Balance, Entry, MovementKind};
+use crate::payments::events::{Event, EventType};
 use crate::payments::{CaptureMethod, Payment, PaymentMode, PaymentStatus, Refund, RefundStatus};
 
 pub(crate) fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -184,6 +185,31 @@ pub(crate) fn job(job: &Job) -> pb::Job {
         schedule_time: Some(timestamp(job.schedule_at)),
         create_time: Some(timestamp(job.created_at)),
         update_time: Some(timestamp(job.updated_at)),
+    }
+}
+
+pub(crate) fn event(event: &Event, cursor: String) -> pb::PaymentEvent {
+    let event_type = match event.event_type {
+        EventType::PaymentCreated => pb::PaymentEventType::PaymentCreated,
+        EventType::PaymentProcessing => pb::PaymentEventType::PaymentProcessing,
+        EventType::PaymentRequiresCapture => pb::PaymentEventType::PaymentRequiresCapture,
+        EventType::PaymentSucceeded => pb::PaymentEventType::PaymentSucceeded,
+        EventType::PaymentFailed => pb::PaymentEventType::PaymentFailed,
+        EventType::PaymentCanceled => pb::PaymentEventType::PaymentCanceled,
+        EventType::RefundCreated => pb::PaymentEventType::RefundCreated,
+        EventType::RefundSucceeded => pb::PaymentEventType::RefundSucceeded,
+        EventType::RefundFailed => pb::PaymentEventType::RefundFailed,
+    };
+    let subject = match &event.refund {
+        Some(r) => pb::payment_event::Subject::Refund(refund(r)),
+        None => pb::payment_event::Subject::Payment(payment(&event.payment)),
+    };
+    pb::PaymentEvent {
+        id: event.id,
+        cursor,
+        r#type: event_type as i32,
+        occur_time: Some(timestamp(event.occurred_at)),
+        subject: Some(subject),
     }
 }
 

@@ -3,7 +3,7 @@
 //! Each RPC: take the caller's identity (verified by the server before routing), parse
 //! and validate the request into domain values (every bad field reported), run the work
 //! (mutations in a task that outlives the caller, under an idempotency key), and convert
-//! the result back. RPCs whose behaviour has not landed yet answer UNIMPLEMENTED.
+//! the result back. Streams run in their own tasks, wake on NOTIFY and read the tables.
 
 mod convert;
 
@@ -35,6 +35,7 @@ use crate::error::Error;
 use crate::idempotency::{self, Claim, REPLAYED_HEADER, Stored};
 use crate::jobs;
 use crate::ledger::{self, AccountKind, Movement, MovementKind, NewAccount};
+use crate::payments::events;
 use crate::payments::{
     self, Action, CaptureMethod, FollowUp, NewPayment, PaymentMode, PaymentStatus,
 };
@@ -48,9 +49,22 @@ pub struct ApiSettings {
     pub payments: payments::Payments,
 }
 
+/// What streams wait on.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Wake-ups from NOTIFY.
+    pub notifier: crate::notify::Notifier,
+    /// The safety-net poll of every stream.
+    pub poll_interval: std::time::Duration,
+}
+
 /// Every service payment-svc serves.
-pub(crate) fn services(pool: PgPool, settings: ApiSettings) -> ServiceSet {
-    let api = PaymentApi { pool, settings };
+pub(crate) fn services(pool: PgPool, settings: ApiSettings, streams: StreamSettings) -> ServiceSet {
+    let api = PaymentApi {
+        pool,
+        settings,
+        streams,
+    };
     ServiceSet::new("payment-svc")
         .add_service(PaymentServiceServer::new(api.clone()))
         .add_service(PaymentAdminServiceServer::new(api))
@@ -61,11 +75,7 @@ pub(crate) fn services(pool: PgPool, settings: ApiSettings) -> ServiceSet {
 struct PaymentApi {
     pool: PgPool,
     settings: ApiSettings,
-}
-
-/// The answer for RPCs whose behaviour lands with a later issue.
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not available yet"))
+    streams: StreamSettings,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -333,6 +343,21 @@ struct AuditPageToken {
     entity_type: String,
     entity_id: String,
     after: i64,
+}
+
+/// Messages a stream buffers for a slow consumer (its task then waits; writers never do).
+const STREAM_BUFFER: usize = 16;
+/// How soon a stream looks again at events held back by a running transaction.
+const HELD_BACK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Events read per query.
+const EVENT_BATCH: i64 = 100;
+
+/// A WatchPaymentEvents cursor: opaque to clients, bound to the principal.
+#[derive(Serialize, Deserialize)]
+struct EventCursor {
+    owner: String,
+    xid: i64,
+    id: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -966,16 +991,152 @@ impl PaymentService for PaymentApi {
 
     async fn watch_balance(
         &self,
-        _request: Request<pb::WatchBalanceRequest>,
+        request: Request<pb::WatchBalanceRequest>,
     ) -> RpcResult<Self::WatchBalanceStream> {
-        Err(not_yet("WatchBalance"))
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        check_id(&mut violations, "account_id", &request.account_id);
+        violations.into_result()?;
+        let owner = identity.principal;
+        let account_id = request.account_id;
+        // The current balance first; another tenant's account is NOT_FOUND before any stream.
+        let first = {
+            let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+            ledger::balance(&mut connection, &owner, &account_id).await?
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let pool = self.pool.clone();
+        let mut wake = self.streams.notifier.ledger();
+        let poll = self.streams.poll_interval;
+        tokio::spawn(async move {
+            let mut version = first.version;
+            let message = |balance| pb::WatchBalanceResponse {
+                balance: Some(convert::balance(&account_id, balance)),
+            };
+            if sender.send(Ok(message(first))).await.is_err() {
+                return;
+            }
+            loop {
+                // A slow consumer is not sent every change: when it takes the next
+                // message, it gets the balance as it is then (the version shows the jump).
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(poll) => {}
+                    () = sender.closed() => return,
+                }
+                wake.borrow_and_update();
+                let balance = match pool.acquire().await {
+                    Ok(mut connection) => {
+                        ledger::balance(&mut connection, &owner, &account_id).await
+                    }
+                    Err(err) => Err(Error::from(err)),
+                };
+                match balance {
+                    Ok(balance) if balance.version > version => {
+                        version = balance.version;
+                        if sender.send(Ok(message(balance))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        let _ = sender.send(Err(Status::from(err))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     async fn watch_payment_events(
         &self,
-        _request: Request<pb::WatchPaymentEventsRequest>,
+        request: Request<pb::WatchPaymentEventsRequest>,
     ) -> RpcResult<Self::WatchPaymentEventsStream> {
-        Err(not_yet("WatchPaymentEvents"))
+        let identity = caller(&request)?;
+        let request = request.into_inner();
+        let owner = identity.principal;
+        let mut violations = Violations::new();
+        let resume = page_token(&mut violations, &request.cursor, |token: EventCursor| {
+            (token.owner == owner).then_some(events::Cursor {
+                xid: token.xid,
+                id: token.id,
+            })
+        });
+        violations.into_result()?;
+        let (mut cursor, already_committed) = match resume {
+            Some(cursor) => (cursor, Vec::new()),
+            None => {
+                let mut connection = self.pool.acquire().await.map_err(Error::from)?;
+                events::current_cursor(&mut connection, &owner).await?
+            }
+        };
+        let already_committed: std::collections::BTreeSet<i64> =
+            already_committed.into_iter().collect();
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let pool = self.pool.clone();
+        let mut wake = self.streams.notifier.events();
+        let poll = self.streams.poll_interval;
+        tokio::spawn(async move {
+            loop {
+                wake.borrow_and_update();
+                let batch = match pool.acquire().await {
+                    Ok(mut connection) => {
+                        match events::after(&mut connection, &owner, cursor, EVENT_BATCH).await {
+                            Ok(batch) if batch.is_empty() => {
+                                events::held_back(&mut connection, &owner, cursor)
+                                    .await
+                                    .map(|held| (batch, held))
+                            }
+                            other => other.map(|batch| (batch, false)),
+                        }
+                    }
+                    Err(err) => Err(Error::from(err)),
+                };
+                let (batch, held) = match batch {
+                    Ok(found) => found,
+                    Err(err) => {
+                        let _ = sender.send(Err(Status::from(err))).await;
+                        return;
+                    }
+                };
+                let full = batch.len() as i64 == EVENT_BATCH;
+                for event in batch {
+                    cursor = event.cursor;
+                    if already_committed.contains(&event.id) {
+                        continue;
+                    }
+                    let token = convert::encode_token(&EventCursor {
+                        owner: owner.clone(),
+                        xid: cursor.xid,
+                        id: cursor.id,
+                    });
+                    let message = pb::WatchPaymentEventsResponse {
+                        event: Some(convert::event(&event, token)),
+                    };
+                    if sender.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                // Events wait behind a transaction that has not ended: look again soon
+                // (it may roll back or die without notifying anyone).
+                let wait = if held { HELD_BACK_RETRY } else { poll };
+                tokio::select! {
+                    _ = wake.changed() => {}
+                    () = tokio::time::sleep(wait) => {}
+                    () = sender.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 }
 

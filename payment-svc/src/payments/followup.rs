@@ -24,6 +24,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire as _, PgConnection, Row};
 
+use super::events::{self, EventType};
 use super::{
     Payment, PaymentStatus, Payments, fresh, get, get_for_update, insert_attempt, record_attempt,
     set_status,
@@ -562,6 +563,13 @@ async fn prepare_in(
                 Some(&refund_id),
             )
             .await?;
+            events::refund_changed(
+                connection,
+                &payment.id,
+                &refund_id,
+                EventType::RefundCreated,
+            )
+            .await?;
             audit::record(
                 connection,
                 AuditEvent {
@@ -663,6 +671,7 @@ pub(super) async fn capture_settled(
         },
     )
     .await?;
+    events::payment_changed(connection, &payment.id, EventType::PaymentSucceeded).await?;
     audit::record(
         connection,
         AuditEvent {
@@ -746,6 +755,12 @@ pub(super) async fn settle_refund(
         }
     };
     ledger::post(connection, &movement).await?;
+    let event_type = if status == "succeeded" {
+        EventType::RefundSucceeded
+    } else {
+        EventType::RefundFailed
+    };
+    events::refund_changed(connection, &payment.id, refund_id, event_type).await?;
     audit::record(
         connection,
         AuditEvent {

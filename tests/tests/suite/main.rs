@@ -15,4 +15,5 @@ mod payments;
 mod reconcile;
 mod reflection;
 mod shutdown;
+mod streams;
 mod vault;
