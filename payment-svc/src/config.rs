@@ -29,6 +29,22 @@ pub const ENV_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT: &str = "DATABASE_IDLE_IN_TRA
 
 /// `ACQUIRER_TIMEOUT`: bound on each acquirer call (beyond it the outcome is unknown).
 pub const ENV_ACQUIRER_TIMEOUT: &str = "ACQUIRER_TIMEOUT";
+/// `ACQUIRER_URL`: the remote acquirer (`paysuite.acquirer.v1`); unset = the in-process sandbox.
+pub const ENV_ACQUIRER_URL: &str = "ACQUIRER_URL";
+/// `ACQUIRER_CONNECT_TIMEOUT`: bound on connecting to the remote acquirer.
+pub const ENV_ACQUIRER_CONNECT_TIMEOUT: &str = "ACQUIRER_CONNECT_TIMEOUT";
+/// `ACQUIRER_BREAKER_CONSECUTIVE_FAILURES`: the breaker opens after this many failures in a row.
+pub const ENV_ACQUIRER_BREAKER_CONSECUTIVE_FAILURES: &str = "ACQUIRER_BREAKER_CONSECUTIVE_FAILURES";
+/// `ACQUIRER_BREAKER_FAILURE_RATE_PERCENT`: …or at this failure rate over the window…
+pub const ENV_ACQUIRER_BREAKER_FAILURE_RATE_PERCENT: &str = "ACQUIRER_BREAKER_FAILURE_RATE_PERCENT";
+/// `ACQUIRER_BREAKER_MINIMUM_CALLS`: …with at least this many calls in it.
+pub const ENV_ACQUIRER_BREAKER_MINIMUM_CALLS: &str = "ACQUIRER_BREAKER_MINIMUM_CALLS";
+/// `ACQUIRER_BREAKER_WINDOW`: the failure-rate window.
+pub const ENV_ACQUIRER_BREAKER_WINDOW: &str = "ACQUIRER_BREAKER_WINDOW";
+/// `ACQUIRER_BREAKER_BASE_BACKOFF`: how long the breaker stays open after its first trip.
+pub const ENV_ACQUIRER_BREAKER_BASE_BACKOFF: &str = "ACQUIRER_BREAKER_BASE_BACKOFF";
+/// `ACQUIRER_BREAKER_MAX_BACKOFF`: the longest it stays open.
+pub const ENV_ACQUIRER_BREAKER_MAX_BACKOFF: &str = "ACQUIRER_BREAKER_MAX_BACKOFF";
 /// `IDEMPOTENCY_LEASE`: how long a request holds its idempotency key between phases.
 pub const ENV_IDEMPOTENCY_LEASE: &str = "IDEMPOTENCY_LEASE";
 /// `SANDBOX_SLOW_ANSWER`: how long the sandbox's slow test card takes to answer.
@@ -177,6 +193,12 @@ pub struct Config {
     pub vault: VaultConfig,
     /// Bound on each acquirer call; beyond it the outcome is unknown.
     pub acquirer_timeout: Duration,
+    /// The remote acquirer, when one is configured.
+    pub acquirer_url: Option<String>,
+    /// Bound on connecting to the remote acquirer.
+    pub acquirer_connect_timeout: Duration,
+    /// The remote acquirer's circuit breaker.
+    pub acquirer_breaker: service_kit::breaker::BreakerConfig,
     /// How long a request holds its idempotency key between phases.
     pub idempotency_lease: Duration,
     /// How long the in-process sandbox's slow test card takes to answer.
@@ -231,6 +253,10 @@ impl Config {
                 fingerprint_key: env.required_secret(crate::vault::ENV_FINGERPRINT_KEY)?,
             },
             acquirer_timeout: env.duration_or(ENV_ACQUIRER_TIMEOUT, Duration::from_secs(5))?,
+            acquirer_url: env.raw(ENV_ACQUIRER_URL).map(str::to_owned),
+            acquirer_connect_timeout: env
+                .duration_or(ENV_ACQUIRER_CONNECT_TIMEOUT, Duration::from_secs(2))?,
+            acquirer_breaker: breaker_from_env(env)?,
             idempotency_lease: env.duration_or(ENV_IDEMPOTENCY_LEASE, Duration::from_secs(30))?,
             sandbox_slow_answer: env
                 .duration_or(ENV_SANDBOX_SLOW_ANSWER, Duration::from_secs(30))?,
@@ -297,4 +323,35 @@ impl DatabaseConfig {
             idle_in_transaction_timeout: Duration::from_secs(10),
         }
     }
+}
+
+fn breaker_from_env(env: &Env) -> Result<service_kit::breaker::BreakerConfig, ConfigError> {
+    let defaults = service_kit::breaker::BreakerConfig::default();
+    let config = service_kit::breaker::BreakerConfig {
+        consecutive_failures: env.parse_or(
+            ENV_ACQUIRER_BREAKER_CONSECUTIVE_FAILURES,
+            defaults.consecutive_failures,
+        )?,
+        failure_rate_percent: env.parse_or(
+            ENV_ACQUIRER_BREAKER_FAILURE_RATE_PERCENT,
+            defaults.failure_rate_percent,
+        )?,
+        minimum_calls: env.parse_or(ENV_ACQUIRER_BREAKER_MINIMUM_CALLS, defaults.minimum_calls)?,
+        window: env.duration_or(ENV_ACQUIRER_BREAKER_WINDOW, defaults.window)?,
+        base_backoff: env.duration_or(ENV_ACQUIRER_BREAKER_BASE_BACKOFF, defaults.base_backoff)?,
+        max_backoff: env.duration_or(ENV_ACQUIRER_BREAKER_MAX_BACKOFF, defaults.max_backoff)?,
+    };
+    if config.consecutive_failures == 0 {
+        return Err(ConfigError::new(
+            ENV_ACQUIRER_BREAKER_CONSECUTIVE_FAILURES,
+            "must be greater than zero",
+        ));
+    }
+    if !(1..=100).contains(&config.failure_rate_percent) {
+        return Err(ConfigError::new(
+            ENV_ACQUIRER_BREAKER_FAILURE_RATE_PERCENT,
+            "must be between 1 and 100",
+        ));
+    }
+    Ok(config)
 }

@@ -51,22 +51,41 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] service_kit::ServeError),
+    /// The remote acquirer's URL is unusable.
+    #[error(transparent)]
+    Acquirer(#[from] acquirer::remote::RemoteError),
     /// The card vault's keys are unusable.
     #[error("card vault: {0}")]
     Vault(#[from] vault::VaultError),
 }
 
 /// Connects to PostgreSQL (migrating first when configured), then serves gRPC on
-/// `listener` until `shutdown` completes, with the in-process sandbox acquirer.
+/// `listener` until `shutdown` completes, with the configured acquirer.
 pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), RunError>
 where
     F: Future<Output = ()> + Send,
 {
-    let sandbox = acquirer::sandbox::Sandbox::new(acquirer::sandbox::SandboxSettings {
-        slow_answer: config.sandbox_slow_answer,
-        ..acquirer::sandbox::SandboxSettings::default()
-    });
-    run_with_acquirer(listener, config, Arc::new(sandbox), shutdown).await
+    let acquirer = acquirer_from_config(&config)?;
+    run_with_acquirer(listener, config, acquirer, shutdown).await
+}
+
+/// The acquirer `config` names: remote (`ACQUIRER_URL`) behind its timeout and breaker,
+/// or the in-process sandbox.
+pub fn acquirer_from_config(config: &Config) -> Result<Arc<dyn acquirer::Acquirer>, RunError> {
+    Ok(match &config.acquirer_url {
+        Some(url) => Arc::new(acquirer::remote::RemoteAcquirer::new(
+            url,
+            config.acquirer_connect_timeout,
+            config.acquirer_timeout,
+            config.acquirer_breaker.clone(),
+        )?),
+        None => Arc::new(acquirer::sandbox::Sandbox::new(
+            acquirer::sandbox::SandboxSettings {
+                slow_answer: config.sandbox_slow_answer,
+                ..acquirer::sandbox::SandboxSettings::default()
+            },
+        )),
+    })
 }
 
 /// [`run`] with a given acquirer connector (tests observe a sandbox through it).

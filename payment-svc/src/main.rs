@@ -1,5 +1,5 @@
-//! The payment-svc binary: `payment-svc` serves; `migrate` and `rotate-card-keys` do
-//! their maintenance job and exit.
+//! The payment-svc binary: `payment-svc` serves; `migrate`, `reconcile` and
+//! `rotate-card-keys` do their maintenance job and exit.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -22,6 +22,9 @@ enum Command {
     Serve,
     /// Apply database migrations and grant the service role its privileges, then exit.
     Migrate,
+    /// Compare the acquirer's operations (ACQUIRER_URL) with attempts, payments and the
+    /// ledger; print every difference and exit non-zero when there is any.
+    Reconcile,
     /// Re-encrypt every vaulted card under CARD_ENCRYPTION_ACTIVE_KEY, then exit
     /// (non-zero when a card does not open or rows remain under other keys).
     RotateCardKeys {
@@ -53,6 +56,7 @@ async fn main_inner() -> anyhow::Result<()> {
             .await
             .map_err(Into::into),
         Command::RotateCardKeys { batch_size } => rotate_card_keys(config, batch_size).await,
+        Command::Reconcile => reconcile(config).await,
     };
     telemetry.shutdown().await;
     result
@@ -92,6 +96,35 @@ async fn rotate_card_keys(config: Config, batch_size: i64) -> anyhow::Result<()>
             "{} card(s) remain under other keys (locked by a concurrent run?): run again",
             report.remaining
         );
+    }
+    Ok(())
+}
+
+async fn reconcile(config: Config) -> anyhow::Result<()> {
+    if config.acquirer_url.is_none() {
+        anyhow::bail!(
+            "reconcile needs ACQUIRER_URL: the in-process sandbox keeps no operations between processes"
+        );
+    }
+    let acquirer = payment_svc::acquirer_from_config(&config)?;
+    let pool = payment_svc::db::connect(&config.database).await?;
+    let report = payment_svc::reconcile::reconcile(&pool, acquirer.as_ref()).await;
+    pool.close().await;
+    let report = report?;
+    let mut out = std::io::stdout().lock();
+    for difference in &report.differences {
+        writeln!(out, "difference: {difference}")?;
+    }
+    writeln!(
+        out,
+        "reconcile: {} acquirer operations, {} attempts, {} payments compared; {} difference(s)",
+        report.operations,
+        report.attempts,
+        report.payments,
+        report.differences.len()
+    )?;
+    if !report.differences.is_empty() {
+        anyhow::bail!("{} difference(s) found", report.differences.len());
     }
     Ok(())
 }

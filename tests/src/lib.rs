@@ -9,6 +9,7 @@
 //! The tests themselves live in `tests/suite/`, one module per area, compiled into one
 //! binary.
 
+pub mod acquirer;
 pub mod grpcurl;
 pub mod identity;
 pub mod payments;

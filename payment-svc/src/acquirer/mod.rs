@@ -1,12 +1,16 @@
 //! The acquirer: the card network's side of a payment, behind a connector trait.
 //!
 //! Implementations: [`sandbox::Sandbox`], in-process by default (the same logic is served
-//! standalone as `paysuite.acquirer.v1` for fault tests and demos). Every operation
+//! standalone as `paysuite.acquirer.v1` by [`server`], the `sandbox-acquirer` binary, for
+//! fault tests and demos), and [`remote::RemoteAcquirer`], the gRPC client behind a timeout
+//! and a circuit breaker (`ACQUIRER_URL`). Every operation
 //! carries the caller's `operation_id` — payment-svc's attempt id, written to the database
 //! BEFORE the call — and the acquirer performs an operation id at most once, answering a
 //! repeat with the first outcome. That is what makes a retry unable to charge twice.
 
+pub mod remote;
 pub mod sandbox;
+pub mod server;
 
 use std::fmt;
 

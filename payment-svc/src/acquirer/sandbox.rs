@@ -10,6 +10,10 @@
 //! | 4000 0000 0000 0119 | failed `processing_error` (transient: nothing happened) |
 //! | 4000 0000 0000 5126 | approved, but answers only after `slow_answer` (an unknown outcome for a caller with a shorter timeout) |
 //! Any other valid card is approved.
+//!
+//! Switches ([`SandboxSettings`]): added latency, and a share of calls failing as
+//! UNAVAILABLE (nothing done), TIMEOUT (done, never answered) or ERROR (a processing
+//! error: nothing done).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,6 +43,8 @@ pub enum FailureMode {
     Unavailable,
     /// Do the operation, then never answer.
     Timeout,
+    /// Answer a processing error without doing anything.
+    Error,
 }
 
 /// The sandbox's switches.
@@ -97,6 +103,11 @@ impl Sandbox {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The switches now.
+    pub fn settings(&self) -> SandboxSettings {
+        self.lock().settings.clone()
     }
 
     /// Replaces the switches.
@@ -280,12 +291,42 @@ impl Sandbox {
     }
 }
 
+/// A processing error: nothing was done or recorded, so a repeat of the id is processed
+/// afresh.
+fn processing_error(
+    operation_id: &str,
+    kind: OperationKind,
+    amount: Money,
+    parent: Option<&str>,
+    reference: &str,
+) -> Operation {
+    Operation {
+        operation_id: operation_id.to_owned(),
+        kind,
+        status: OperationStatus::Failed {
+            code: "processing_error".to_owned(),
+        },
+        amount,
+        parent_operation_id: parent.map(str::to_owned),
+        reference: reference.to_owned(),
+    }
+}
+
 #[tonic::async_trait]
 impl Acquirer for Sandbox {
     async fn authorize(&self, request: AuthorizeRequest<'_>) -> Result<Operation, AcquirerError> {
         let mode = self
             .enter(request.operation_id, OperationKind::Authorize)
             .await?;
+        if mode == FailureMode::Error {
+            return Ok(processing_error(
+                request.operation_id,
+                OperationKind::Authorize,
+                request.amount,
+                None,
+                request.reference,
+            ));
+        }
         if let Some(existing) = self.existing(request.operation_id) {
             return self.answer(mode, existing).await;
         }
@@ -340,6 +381,15 @@ impl Acquirer for Sandbox {
         amount: Money,
     ) -> Result<Operation, AcquirerError> {
         let mode = self.enter(operation_id, OperationKind::Capture).await?;
+        if mode == FailureMode::Error {
+            return Ok(processing_error(
+                operation_id,
+                OperationKind::Capture,
+                amount,
+                Some(authorization_id),
+                "",
+            ));
+        }
         let operation = self.child(
             operation_id,
             OperationKind::Capture,
@@ -355,6 +405,21 @@ impl Acquirer for Sandbox {
         authorization_id: &str,
     ) -> Result<Operation, AcquirerError> {
         let mode = self.enter(operation_id, OperationKind::Void).await?;
+        if mode == FailureMode::Error {
+            let amount = self
+                .existing(authorization_id)
+                .map(|parent| parent.amount)
+                .ok_or_else(|| {
+                    AcquirerError::Rejected(format!("no operation {authorization_id}"))
+                })?;
+            return Ok(processing_error(
+                operation_id,
+                OperationKind::Void,
+                amount,
+                Some(authorization_id),
+                "",
+            ));
+        }
         let operation = self.child(operation_id, OperationKind::Void, authorization_id, None)?;
         self.answer(mode, operation).await
     }
@@ -366,6 +431,15 @@ impl Acquirer for Sandbox {
         amount: Money,
     ) -> Result<Operation, AcquirerError> {
         let mode = self.enter(operation_id, OperationKind::Refund).await?;
+        if mode == FailureMode::Error {
+            return Ok(processing_error(
+                operation_id,
+                OperationKind::Refund,
+                amount,
+                Some(capture_id),
+                "",
+            ));
+        }
         let operation = self.child(
             operation_id,
             OperationKind::Refund,

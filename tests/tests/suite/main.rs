@@ -2,6 +2,7 @@
 //! workspace links it once). Tests whose name contains `spawned` start several processes
 //! and run serially (see `.config/nextest.toml`).
 
+mod acquirer;
 mod background;
 mod canary;
 mod database;
