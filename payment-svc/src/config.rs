@@ -66,6 +66,10 @@ pub const ENV_JOB_BACKOFF_BASE: &str = "JOB_BACKOFF_BASE";
 pub const ENV_JOB_BACKOFF_MAX: &str = "JOB_BACKOFF_MAX";
 /// `JOB_RETENTION`: how long finished jobs are kept.
 pub const ENV_JOB_RETENTION: &str = "JOB_RETENTION";
+/// `JOB_MAINTENANCE_INTERVAL`: how often workers reap finished jobs and expired keys and hand abandoned requests to jobs.
+pub const ENV_JOB_MAINTENANCE_INTERVAL: &str = "JOB_MAINTENANCE_INTERVAL";
+/// `IDEMPOTENCY_RETENTION`: how long idempotency keys (and their answers) are kept.
+pub const ENV_IDEMPOTENCY_RETENTION: &str = "IDEMPOTENCY_RETENTION";
 /// `AUTHORIZATION_VOID_AFTER`: uncaptured authorizations are voided after this.
 pub const ENV_AUTHORIZATION_VOID_AFTER: &str = "AUTHORIZATION_VOID_AFTER";
 
@@ -93,6 +97,10 @@ pub struct JobsConfig {
     pub retention: Duration,
     /// Uncaptured authorizations are voided after this.
     pub void_after: Duration,
+    /// How often the upkeep runs.
+    pub maintenance_interval: Duration,
+    /// How long idempotency keys are kept.
+    pub idempotency_retention: Duration,
 }
 
 impl Default for JobsConfig {
@@ -107,6 +115,8 @@ impl Default for JobsConfig {
             backoff_max: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
             void_after: Duration::from_secs(7 * 24 * 3600),
+            maintenance_interval: Duration::from_secs(30),
+            idempotency_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -143,6 +153,10 @@ impl JobsConfig {
             backoff_max: env.duration_or(ENV_JOB_BACKOFF_MAX, defaults.backoff_max)?,
             retention: env.duration_or(ENV_JOB_RETENTION, defaults.retention)?,
             void_after: env.duration_or(ENV_AUTHORIZATION_VOID_AFTER, defaults.void_after)?,
+            maintenance_interval: env
+                .duration_or(ENV_JOB_MAINTENANCE_INTERVAL, defaults.maintenance_interval)?,
+            idempotency_retention: env
+                .duration_or(ENV_IDEMPOTENCY_RETENTION, defaults.idempotency_retention)?,
         })
     }
 }

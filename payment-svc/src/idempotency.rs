@@ -363,6 +363,20 @@ pub async fn forget(connection: &mut PgConnection, claim: &Claim<'_>) -> Result<
     Ok(())
 }
 
+/// Deletes keys older than `retention` that are finished (their answer is no longer
+/// replayed) or never got past their start; returns how many.
+pub async fn reap(pool: &PgPool, retention: std::time::Duration) -> Result<u64, Error> {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    Ok(sqlx::query(
+        "DELETE FROM idempotency_keys WHERE recovery_point IN ('finished', 'started') \
+         AND updated_at < now() - make_interval(secs => $1::double precision / 1000)",
+    )
+    .bind(retention_ms)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// The stored form of a business refusal.
 pub fn refusal(err: Error) -> Stored {
     let status = tonic::Status::from(err);

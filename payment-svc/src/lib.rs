@@ -137,6 +137,7 @@ where
                 backoff: (config.jobs.backoff_base, config.jobs.backoff_max),
                 drain_timeout: config.limits.drain_timeout,
                 retention: config.jobs.retention,
+                maintenance_interval: config.jobs.maintenance_interval,
             },
             Arc::new(jobs::runner::RunnerCounters::default()),
             stop_rx.clone(),

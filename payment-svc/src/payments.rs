@@ -202,6 +202,25 @@ impl jobs::runner::Handler for PaymentJobs {
     async fn perform(&self, claimed: &jobs::Claimed) -> jobs::JobOutcome {
         self.payments.drive(claimed, self.void_after).await
     }
+
+    async fn maintain(&self) {
+        // Abandoned requests get a job once their lease has been gone for another lease.
+        match self.payments.complete_abandoned(self.payments.lease).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "abandoned requests handed to jobs"),
+            Err(err) => tracing::warn!(error = %err, "completing abandoned requests failed"),
+        }
+        match idempotency::reap(
+            &self.payments.pool,
+            self.payments.jobs.idempotency_retention,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "expired idempotency keys reaped"),
+            Err(err) => tracing::warn!(error = %err, "reaping idempotency keys failed"),
+        }
+    }
 }
 
 impl Payments {
@@ -380,6 +399,19 @@ impl Payments {
                     }
                     PhaseResult::Finished(stored) => return Ok(fresh(stored)),
                 },
+                // A resumed request whose payment a job already moved on answers with
+                // the payment as it is: the acquirer is not asked again.
+                ("payment_created" | "authorized", Some(id))
+                    if self.moved_on(claim.owner_id, id).await? =>
+                {
+                    let transaction = self.pool.begin().await?;
+                    match self.finish(transaction, claim, id, encode).await? {
+                        PhaseResult::Finished(stored) => return Ok(fresh(stored)),
+                        PhaseResult::Next(_) => {
+                            return Err(Error::Internal("finish has no next phase".to_owned()));
+                        }
+                    }
+                }
                 ("payment_created", Some(id)) => {
                     match self.phase_authorize(claim, id, new, encode).await? {
                         PhaseResult::Next(_) => "authorized",
@@ -399,6 +431,48 @@ impl Payments {
             };
             *recovery_point = next.to_owned();
         }
+    }
+
+    /// Whether a job moved the payment on (it is no longer PROCESSING).
+    async fn moved_on(&self, owner_id: &str, payment_id: &str) -> Result<bool, Error> {
+        let mut connection = self.pool.acquire().await?;
+        let payment = get(&mut connection, owner_id, payment_id).await?;
+        Ok(payment.status != PaymentStatus::Processing)
+    }
+
+    /// The completer: gives every request abandoned mid-phase (its idempotency lease ran
+    /// out more than `grace` ago and nobody resumed it) a job that finishes its payment. A
+    /// client that retries later gets the payment as the job left it.
+    pub async fn complete_abandoned(&self, grace: Duration) -> Result<u64, Error> {
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let abandoned: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT k.owner_id, coalesce(a.payment_id, k.resource_id), \
+               CASE WHEN a.kind = 'refund' THEN 'resolve_refund' WHEN a.id IS NOT NULL THEN 'resolve_unknown' \
+                    ELSE 'process_payment' END \
+             FROM idempotency_keys k LEFT JOIN attempts a ON a.id = k.resource_id \
+             WHERE k.recovery_point NOT IN ('started', 'finished') AND k.resource_id IS NOT NULL \
+               AND k.locked_until < now() - make_interval(secs => $1::double precision / 1000) \
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.payment_id = coalesce(a.payment_id, k.resource_id) \
+                 AND j.state IN ('available', 'scheduled', 'executing', 'retryable') AND j.schedule_at <= now())",
+        )
+        .bind(grace_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut enqueued = 0;
+        for (owner_id, payment_id, kind) in abandoned {
+            let mut transaction = self.pool.begin().await?;
+            self.enqueue(
+                &mut transaction,
+                &owner_id,
+                &payment_id,
+                JobKind::parse(&kind)?,
+                Duration::ZERO,
+            )
+            .await?;
+            transaction.commit().await?;
+            enqueued += 1;
+        }
+        Ok(enqueued)
     }
 
     /// `started` → `payment_created`.

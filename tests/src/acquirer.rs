@@ -97,3 +97,18 @@ pub fn approved(operations: &[pb::Operation], kind: pb::OperationKind) -> usize 
         .filter(|op| op.kind == kind as i32 && op.status == pb::OperationStatus::Approved as i32)
         .count()
 }
+
+/// Adds `latency` to every call of the sandbox (no failures).
+pub async fn set_latency(endpoint: &str, latency: Duration) -> anyhow::Result<()> {
+    SandboxControlServiceClient::new(channel(endpoint).await?)
+        .set_faults(pb::SetFaultsRequest {
+            added_latency: Some(prost_types::Duration {
+                seconds: i64::try_from(latency.as_secs())?,
+                nanos: i32::try_from(latency.subsec_nanos())?,
+            }),
+            failure_mode: pb::FailureMode::None as i32,
+            failure_rate_ppm: 0,
+        })
+        .await?;
+    Ok(())
+}

@@ -23,6 +23,9 @@ use crate::error::Error;
 pub trait Handler: Send + Sync + 'static {
     /// Performs `claimed` and says how the attempt ended.
     async fn perform(&self, claimed: &Claimed) -> JobOutcome;
+
+    /// Periodic upkeep beside the jobs (every `maintenance_interval`).
+    async fn maintain(&self) {}
 }
 
 /// How the workers behave.
@@ -42,6 +45,8 @@ pub struct RunnerConfig {
     pub drain_timeout: Duration,
     /// How long finished jobs are kept.
     pub retention: Duration,
+    /// How often finished jobs are reaped and the handler's upkeep runs.
+    pub maintenance_interval: Duration,
 }
 
 /// What the workers did (tests prove which path ran with these).
@@ -136,13 +141,14 @@ pub async fn run(
                 Err(err) => tracing::warn!(error = %err, "claiming jobs failed"),
             }
         }
-        if last_reap.elapsed() >= config.poll_interval.max(Duration::from_secs(60)) {
+        if last_reap.elapsed() >= config.maintenance_interval {
             last_reap = tokio::time::Instant::now();
             match super::reap(&pool, config.retention).await {
                 Ok(0) => {}
                 Ok(reaped) => tracing::info!(reaped, "finished jobs reaped"),
                 Err(err) => tracing::warn!(error = %err, "reaping jobs failed"),
             }
+            handler.maintain().await;
         }
         // Wait for a reason to claim again: a notification, a free slot, or the next job
         // falling due; the poll is only a safety net.
@@ -173,12 +179,14 @@ pub async fn run(
                     counters.notified.fetch_add(1, Relaxed);
                 }
             }
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep(wait.min(config.maintenance_interval)) => {}
         }
     }
     // Shutdown: let running jobs finish within the drain timeout; the rest are handed back
     // by their tasks when they see the shutdown.
-    let drained = tokio::time::timeout(config.drain_timeout, async {
+    // Each task hands its job back by itself at the drain timeout; the margin only
+    // guards against a task stuck outside its own bound.
+    let drained = tokio::time::timeout(config.drain_timeout + Duration::from_secs(5), async {
         while running.join_next().await.is_some() {}
     })
     .await;

@@ -106,6 +106,7 @@ impl Payments {
                     (attempt, result)
                 }
             };
+            crate::failpoint::hit("job_after_acquirer");
             let mut transaction = self.pool.begin().await?;
             jobs::fence(&mut transaction, job).await?;
             let outcome = apply(&mut transaction, job, &attempt, &result).await?;

@@ -135,6 +135,17 @@ impl Setup {
         .await?)
     }
 
+    /// The payment's event types, in delivery order.
+    async fn events_of(&self, payment_id: &str) -> anyhow::Result<Vec<String>> {
+        let mut owner = PgConnection::connect(&self.database.owner_url()).await?;
+        Ok(sqlx::query_scalar(
+            "SELECT type FROM payment_events WHERE payment_id = $1 ORDER BY xid, id",
+        )
+        .bind(payment_id)
+        .fetch_all(&mut owner)
+        .await?)
+    }
+
     fn admin(&self) -> PaymentAdminServiceClient<tonic::transport::Channel> {
         PaymentAdminServiceClient::new(self.channel.clone())
     }
@@ -153,7 +164,8 @@ fn as_admin<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
 async fn an_async_payment_is_pending_at_once_then_retried_until_the_acquirer_recovers()
 -> anyhow::Result<()> {
     let setup = setup(|_| {}).await?;
-    setup.faults(FailureMode::Unavailable);
+    // Transient processing errors (nothing done) until the acquirer recovers.
+    setup.faults(FailureMode::Error);
     let payment = setup
         .pay("async", cards::CARD_APPROVED, pb::PaymentMode::Async)
         .await?;
@@ -200,6 +212,10 @@ async fn a_permanent_decline_cancels_the_job_and_fails_the_payment() -> anyhow::
     assert_eq!(
         setup.job_of(&payment.id).await?,
         ("cancelled".to_owned(), 1)
+    );
+    assert_eq!(
+        setup.events_of(&payment.id).await?,
+        ["payment.created", "payment.processing", "payment.failed"]
     );
     setup.service.stop().await
 }
@@ -359,5 +375,14 @@ async fn an_authorization_left_uncaptured_is_voided() -> anyhow::Result<()> {
         .await?;
     assert_eq!(setup.sandbox.approved_count(OperationKind::Void), 1);
     assert_eq!(setup.alice.balance(&setup.merchant).await?.0, 0);
+    assert_eq!(
+        setup.events_of(&payment.id).await?,
+        [
+            "payment.created",
+            "payment.requires_capture",
+            "payment.processing",
+            "payment.canceled"
+        ]
+    );
     setup.service.stop().await
 }

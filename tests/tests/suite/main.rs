@@ -17,4 +17,5 @@ mod reconcile;
 mod reflection;
 mod shutdown;
 mod streams;
+mod takeover;
 mod vault;

@@ -1,0 +1,236 @@
+//! Real payment-svc processes dying or stopping mid-work, with the standalone sandbox
+//! acquirer: a worker aborted mid-job is taken over by another replica after its lease; a
+//! request abandoned mid-phase is finished by the completer without any client retry; a
+//! SIGTERM during processing loses nothing. Every case charges exactly once.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use proto::acquirer::v1 as acq;
+use proto::payments::v1 as pb;
+use sqlx::{Connection, PgConnection};
+use tests::acquirer::{approved, operations, spawn_sandbox};
+use tests::payments::{Tenant, cards, payment_request, replayed};
+use tests::postgres::TestDatabase;
+use tests::process::SpawnedService;
+
+/// payment-svc as a process with jobs on, short leases, and the remote acquirer.
+async fn replica(
+    database: &TestDatabase,
+    acquirer_url: &str,
+    extra: &[(&'static str, &str)],
+) -> anyhow::Result<(SpawnedService, Tenant)> {
+    let mut envs = vec![
+        ("DATABASE_URL", database.service_url()),
+        ("DATABASE_MIGRATION_URL", database.owner_url()),
+        ("ACQUIRER_URL", acquirer_url.to_owned()),
+        ("IDEMPOTENCY_LEASE", "500ms".to_owned()),
+        ("JOB_LEASE", "1s".to_owned()),
+        ("JOB_BACKOFF_BASE", "50ms".to_owned()),
+        ("JOB_BACKOFF_MAX", "200ms".to_owned()),
+        ("JOB_MAINTENANCE_INTERVAL", "200ms".to_owned()),
+        ("SHUTDOWN_DRAIN_TIMEOUT", "2s".to_owned()),
+    ];
+    envs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let service = SpawnedService::start("payment-svc", &envs).await?;
+    let channel = tonic::transport::Channel::from_shared(service.endpoint())?
+        .connect()
+        .await?;
+    Ok((service, Tenant::new("alice", channel)))
+}
+
+async fn until_final(tenant: &Tenant, payment_id: &str) -> anyhow::Result<pb::Payment> {
+    tokio::time::timeout(tests::LIVENESS, async {
+        loop {
+            let payment = tenant.payment(payment_id).await?;
+            let final_states = [
+                pb::PaymentStatus::Succeeded as i32,
+                pb::PaymentStatus::Failed as i32,
+                pb::PaymentStatus::Canceled as i32,
+            ];
+            if final_states.contains(&payment.status) {
+                return anyhow::Ok(payment);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?
+}
+
+#[tokio::test]
+async fn spawned_worker_aborted_mid_job_is_taken_over_and_charges_once() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    let (mut doomed, alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[("PAYSUITE_FAILPOINT", "job_after_acquirer")],
+    )
+    .await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let mut request = payment_request("async", &merchant, 2_500, cards::CARD_APPROVED);
+    request.mode = pb::PaymentMode::Async as i32;
+    let payment = alice
+        .pay(request)
+        .await?
+        .into_inner()
+        .payment
+        .unwrap_or_default();
+    assert_eq!(payment.status, pb::PaymentStatus::Pending as i32);
+    // Its worker authorizes, then dies before recording the answer.
+    let status = doomed.wait(tests::LIVENESS).await?;
+    assert!(!status.success());
+    assert!(
+        doomed
+            .stderr()
+            .joined()
+            .contains("failpoint job_after_acquirer reached")
+    );
+
+    // Another replica takes the job over once its lease (1 s) ran out, looks the
+    // authorization up instead of making a new one, and finishes.
+    let (_survivor, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    let done = until_final(&alice, &payment.id).await?;
+    assert_eq!(done.status, pb::PaymentStatus::Succeeded as i32);
+    let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;
+    assert_eq!(
+        approved(&operations, acq::OperationKind::Authorize),
+        1,
+        "{operations:?}"
+    );
+    assert_eq!(approved(&operations, acq::OperationKind::Capture), 1);
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let (state, attempt, token): (String, i32, i64) =
+        sqlx::query_as("SELECT state, attempt, fencing_token FROM jobs WHERE payment_id = $1")
+            .bind(&payment.id)
+            .fetch_one(&mut owner)
+            .await?;
+    assert_eq!(state, "completed");
+    assert!(
+        attempt >= 2 && token >= 2,
+        "the job was claimed again: attempt {attempt}, token {token}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn spawned_request_abandoned_mid_phase_is_finished_by_the_completer() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    let (mut doomed, alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[("PAYSUITE_FAILPOINT", "after_acquirer_approve")],
+    )
+    .await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let request = payment_request("abandoned", &merchant, 4_000, cards::CARD_APPROVED);
+    assert!(alice.pay(request.clone()).await.is_err());
+    assert!(!doomed.wait(tests::LIVENESS).await?.success());
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let payment_id: String =
+        sqlx::query_scalar("SELECT resource_id FROM idempotency_keys WHERE key = 'abandoned'")
+            .fetch_one(&mut owner)
+            .await?;
+
+    // No client comes back; the completer hands the payment to a job.
+    let (_survivor, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    let done = until_final(&alice, &payment_id).await?;
+    assert_eq!(done.status, pb::PaymentStatus::Succeeded as i32);
+    // A late retry gets the payment as the job left it; nothing is charged again.
+    let late = alice.pay(request).await?;
+    assert!(
+        !replayed(&late),
+        "the key's request is finished now, by this retry"
+    );
+    assert_eq!(
+        late.into_inner().payment.map(|p| (p.id, p.status)),
+        Some((payment_id.clone(), pb::PaymentStatus::Succeeded as i32))
+    );
+    let operations = operations(&sandbox.endpoint(), &payment_id, 100).await?;
+    assert_eq!(
+        approved(&operations, acq::OperationKind::Authorize),
+        1,
+        "{operations:?}"
+    );
+    assert_eq!(approved(&operations, acq::OperationKind::Capture), 1);
+    assert_eq!(alice.balance(&merchant).await?.0, 4_000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn spawned_sigterm_during_processing_loses_nothing() -> anyhow::Result<()> {
+    const PAYMENTS: usize = 6;
+    let database = TestDatabase::create().await?;
+    let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    tests::acquirer::set_latency(&sandbox.endpoint(), Duration::from_millis(300)).await?;
+    let (mut first, alice) =
+        replica(&database, &sandbox.endpoint(), &[("JOB_CONCURRENCY", "2")]).await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let mut ids = Vec::new();
+    for n in 0..PAYMENTS {
+        let mut request = payment_request(
+            &format!("async-{n}"),
+            &merchant,
+            1_000,
+            cards::CARD_APPROVED,
+        );
+        request.mode = pb::PaymentMode::Async as i32;
+        ids.push(
+            alice
+                .pay(request)
+                .await?
+                .into_inner()
+                .payment
+                .unwrap_or_default()
+                .id,
+        );
+    }
+    // Stop while jobs are executing.
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    tokio::time::timeout(tests::LIVENESS, async {
+        loop {
+            let executing: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'executing'")
+                    .fetch_one(&mut owner)
+                    .await?;
+            if executing > 0 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await??;
+    first.signal(Signal::SIGTERM)?;
+    assert!(first.wait(tests::LIVENESS).await?.success());
+    // Nothing it held stays executing: each job finished or was handed back.
+    let stuck: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'executing'")
+        .fetch_one(&mut owner)
+        .await?;
+    assert_eq!(stuck, 0);
+
+    let (_second, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    for id in &ids {
+        assert_eq!(
+            until_final(&alice, id).await?.status,
+            pb::PaymentStatus::Succeeded as i32
+        );
+    }
+    let operations = operations(&sandbox.endpoint(), "", 1000).await?;
+    assert_eq!(
+        approved(&operations, acq::OperationKind::Authorize),
+        PAYMENTS
+    );
+    assert_eq!(approved(&operations, acq::OperationKind::Capture), PAYMENTS);
+    assert_eq!(alice.balance(&merchant).await?.0, 1_000 * PAYMENTS as i64);
+    Ok(())
+}
