@@ -336,6 +336,16 @@ pub async fn list(
     rows.iter().map(payment_from_row).collect()
 }
 
+/// The job that settles a call without a final answer: an unknown outcome is looked up;
+/// anything else (nothing happened) is tried again.
+fn settling_job(result: &Result<Operation, AcquirerError>) -> JobKind {
+    if matches!(result, Err(AcquirerError::Timeout)) {
+        JobKind::ResolveUnknown
+    } else {
+        JobKind::ProcessPayment
+    }
+}
+
 /// Where a new payment starts.
 fn initial_status(mode: PaymentMode) -> PaymentStatus {
     match mode {
@@ -716,16 +726,11 @@ impl Payments {
             // PROCESSING, which is the SYNC answer, and a job takes over — looking the
             // attempt up first when its outcome is unknown.
             _ => {
-                let kind = if matches!(result, Err(AcquirerError::Timeout)) {
-                    JobKind::ResolveUnknown
-                } else {
-                    JobKind::ProcessPayment
-                };
                 self.enqueue(
                     &mut transaction,
                     &payment.owner_id,
                     payment_id,
-                    kind,
+                    settling_job(&result),
                     self.jobs.backoff_base,
                 )
                 .await?;
@@ -772,16 +777,11 @@ impl Payments {
             followup::capture_settled(&mut transaction, &payment, amount, "").await?;
         } else {
             // Not captured yet (or not known to be): a job settles it.
-            let kind = if matches!(result, Err(AcquirerError::Timeout)) {
-                JobKind::ResolveUnknown
-            } else {
-                JobKind::ProcessPayment
-            };
             self.enqueue(
                 &mut transaction,
                 &payment.owner_id,
                 payment_id,
-                kind,
+                settling_job(&result),
                 self.jobs.backoff_base,
             )
             .await?;

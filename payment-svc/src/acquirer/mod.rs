@@ -30,17 +30,12 @@ pub enum OperationKind {
     Refund,
 }
 
-impl OperationKind {
-    /// Lower-case name (counters, logs, the database).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Authorize => "authorize",
-            Self::Capture => "capture",
-            Self::Void => "void",
-            Self::Refund => "refund",
-        }
-    }
-}
+crate::error::stored_names!(OperationKind {
+    Authorize => "authorize",
+    Capture => "capture",
+    Void => "void",
+    Refund => "refund",
+});
 
 /// An operation's outcome, as the acquirer recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]

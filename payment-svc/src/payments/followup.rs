@@ -615,16 +615,12 @@ async fn load_attempt(connection: &mut PgConnection, attempt_id: &str) -> Result
     .fetch_one(&mut *connection)
     .await?;
     let currency = ledger::stored_currency(&row)?;
-    let kind = match row.try_get::<&str, _>("kind")? {
-        "capture" => OperationKind::Capture,
-        "void" => OperationKind::Void,
-        "refund" => OperationKind::Refund,
-        other => {
-            return Err(Error::Internal(format!(
-                "attempt kind {other:?} is not a follow-up"
-            )));
-        }
-    };
+    let kind = OperationKind::parse(row.try_get("kind")?)?;
+    if kind == OperationKind::Authorize {
+        return Err(Error::Internal(format!(
+            "attempt {attempt_id} is an authorization, not a follow-up"
+        )));
+    }
     Ok(Attempt {
         id: row.try_get("id")?,
         payment_id: row.try_get("payment_id")?,

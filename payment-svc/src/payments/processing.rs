@@ -323,13 +323,7 @@ async fn apply(
 
 fn attempt_from_row(row: &sqlx::postgres::PgRow) -> Result<OpenAttempt, Error> {
     let currency = ledger::stored_currency(row)?;
-    let kind = match row.try_get::<&str, _>("kind")? {
-        "authorize" => OperationKind::Authorize,
-        "capture" => OperationKind::Capture,
-        "void" => OperationKind::Void,
-        "refund" => OperationKind::Refund,
-        other => return Err(Error::Internal(format!("unknown attempt kind {other:?}"))),
-    };
+    let kind = OperationKind::parse(row.try_get("kind")?)?;
     Ok(OpenAttempt {
         id: row.try_get("id")?,
         kind,
