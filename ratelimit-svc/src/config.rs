@@ -7,6 +7,10 @@ use service_kit::{ConfigError, Env, IdentityConfig, ServerLimits};
 /// `LISTEN_ADDR`: the gRPC listen address.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
 
+/// `SLIDING_WINDOW_MAX_LIMIT`: the largest limit the exact sliding window accepts (its
+/// memory is O(limit) per key).
+pub const ENV_SLIDING_WINDOW_MAX_LIMIT: &str = "SLIDING_WINDOW_MAX_LIMIT";
+
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
 
@@ -21,6 +25,8 @@ pub struct Config {
     /// How callers' identity tokens are verified (for `paysuite.ratelimit.v1`; Envoy's
     /// RLS API carries no paysuite identity).
     pub identity: IdentityConfig,
+    /// The largest sliding-window limit.
+    pub sliding_window_max_limit: u64,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -34,6 +40,7 @@ impl Config {
         Ok(Self {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             identity: IdentityConfig::from_env(env, AUDIENCE)?,
+            sliding_window_max_limit: env.parse_or(ENV_SLIDING_WINDOW_MAX_LIMIT, 1_000)?,
             limits: ServerLimits::from_env(env)?,
         })
     }
@@ -44,6 +51,7 @@ impl Config {
         Self {
             listen_addr,
             identity,
+            sliding_window_max_limit: 1_000,
             limits: ServerLimits::default(),
         }
     }

@@ -1,34 +1,143 @@
 //! The gRPC edge of ratelimit-svc: the only module that sees protobuf types.
 
+use std::time::Duration;
+
+use proto::ratelimit::v1 as pb;
 use proto::ratelimit::v1::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
-use proto::ratelimit::v1::{CheckRequest, CheckResponse, PeekRequest, PeekResponse};
 use service_kit::ServiceSet;
+use service_kit::validation::Violations;
 use tonic::{Request, Response, Status};
 
+use crate::limiter::{Algorithm, Decision, Limit};
+use crate::store::MemoryStore;
+
+/// The longest window a limit may have.
+const MAX_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
+/// The longest key.
+const MAX_KEY_BYTES: usize = 512;
+
 /// Every service ratelimit-svc serves.
-pub(crate) fn services() -> ServiceSet {
-    ServiceSet::new("ratelimit-svc").add_service(RateLimitServiceServer::new(RateLimitApi))
+pub(crate) fn services(store: MemoryStore, sliding_window_max_limit: u64) -> ServiceSet {
+    ServiceSet::new("ratelimit-svc").add_service(RateLimitServiceServer::new(RateLimitApi {
+        store,
+        sliding_window_max_limit,
+    }))
 }
 
 /// `paysuite.ratelimit.v1.RateLimitService`.
-#[derive(Debug, Clone, Copy)]
-struct RateLimitApi;
+#[derive(Debug, Clone)]
+struct RateLimitApi {
+    store: MemoryStore,
+    sliding_window_max_limit: u64,
+}
 
-/// The answer for RPCs whose behaviour lands with the ratelimit-svc issue.
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not available yet"))
+impl RateLimitApi {
+    fn parse(
+        &self,
+        violations: &mut Violations,
+        key: &str,
+        limit: Option<&pb::Limit>,
+    ) -> Option<Limit> {
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            violations.add("key", format!("must be 1–{MAX_KEY_BYTES} bytes"));
+        }
+        let Some(limit) = limit else {
+            violations.add("limit", "is required");
+            return None;
+        };
+        let algorithm = match pb::Algorithm::try_from(limit.algorithm) {
+            Ok(pb::Algorithm::Unspecified | pb::Algorithm::SlidingWindow) => {
+                Some(Algorithm::SlidingWindow)
+            }
+            Ok(pb::Algorithm::Gcra) => Some(Algorithm::Gcra),
+            Ok(pb::Algorithm::FixedWindow) => Some(Algorithm::FixedWindow),
+            Err(_) => {
+                violations.add("limit.algorithm", "is not an algorithm");
+                None
+            }
+        };
+        if limit.limit == 0 {
+            violations.add("limit.limit", "must be at least 1");
+        } else if algorithm == Some(Algorithm::SlidingWindow)
+            && limit.limit > self.sliding_window_max_limit
+        {
+            violations.add(
+                "limit.limit",
+                format!(
+                    "the exact sliding window takes at most {} (use GCRA or a fixed window above that)",
+                    self.sliding_window_max_limit
+                ),
+            );
+        }
+        let window = match limit.window.map(Duration::try_from) {
+            Some(Ok(window)) if !window.is_zero() && window <= MAX_WINDOW => Some(window),
+            _ => {
+                violations.add("limit.window", "must be between 1µs and 31 days");
+                None
+            }
+        };
+        Some(Limit {
+            limit: limit.limit,
+            window: window?,
+            algorithm: algorithm?,
+        })
+    }
+}
+
+fn decision(decision: &Decision) -> pb::Decision {
+    let proto_duration = |d: Duration| prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    };
+    pb::Decision {
+        allowed: decision.allowed,
+        limit: decision.limit,
+        remaining: decision.remaining,
+        reset_after: Some(proto_duration(decision.reset_after)),
+        retry_after: Some(proto_duration(decision.retry_after)),
+        decide_time: Some(prost_types::Timestamp {
+            seconds: decision.decided_at_micros.div_euclid(1_000_000),
+            nanos: i32::try_from(decision.decided_at_micros.rem_euclid(1_000_000) * 1_000)
+                .unwrap_or(0),
+        }),
+    }
 }
 
 #[tonic::async_trait]
 impl RateLimitService for RateLimitApi {
     async fn check(
         &self,
-        _request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        Err(not_yet("Check"))
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = self.parse(&mut violations, &request.key, request.limit.as_ref());
+        // A check spends at least one unit; a cost of 0 is what Peek is for.
+        let cost = request.cost.max(1);
+        violations.into_result()?;
+        let Some(limit) = limit else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let decided = self.store.decide(&request.key, &limit, cost);
+        Ok(Response::new(pb::CheckResponse {
+            decision: Some(decision(&decided)),
+        }))
     }
 
-    async fn peek(&self, _request: Request<PeekRequest>) -> Result<Response<PeekResponse>, Status> {
-        Err(not_yet("Peek"))
+    async fn peek(
+        &self,
+        request: Request<pb::PeekRequest>,
+    ) -> Result<Response<pb::PeekResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = self.parse(&mut violations, &request.key, request.limit.as_ref());
+        violations.into_result()?;
+        let Some(limit) = limit else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let decided = self.store.decide(&request.key, &limit, 0);
+        Ok(Response::new(pb::PeekResponse {
+            decision: Some(decision(&decided)),
+        }))
     }
 }

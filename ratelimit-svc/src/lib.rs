@@ -9,6 +9,8 @@
 
 pub mod config;
 mod grpc;
+pub mod limiter;
+pub mod store;
 
 use std::future::Future;
 
@@ -25,6 +27,8 @@ pub async fn run<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let services = grpc::services().require_identity(config.identity.verifier());
+    let store = store::MemoryStore::new(std::sync::Arc::new(store::SystemClock));
+    let services = grpc::services(store, config.sliding_window_max_limit)
+        .require_identity(config.identity.verifier());
     service_kit::serve(listener, services, &config.limits, shutdown).await
 }

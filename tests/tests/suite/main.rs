@@ -13,6 +13,7 @@ mod ledger_model;
 mod lifecycle;
 mod limits;
 mod payments;
+mod ratelimit;
 mod reconcile;
 mod reflection;
 mod shutdown;

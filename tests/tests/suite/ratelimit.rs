@@ -1,0 +1,174 @@
+//! ratelimit-svc's own API on the embedded memory store: Check spends, Peek does not,
+//! every algorithm refuses past its limit with a usable retry_after, and bad limits are
+//! reported by field path.
+
+use std::time::Duration;
+
+use proto::ratelimit::v1 as pb;
+use proto::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient;
+use service_kit::identity::IDENTITY_HEADER;
+use service_kit::validation::violated_fields;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn request<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    let token = tests::identity::token("gateway", &["ratelimit:check"], "ratelimit-svc");
+    request
+        .metadata_mut()
+        .insert(IDENTITY_HEADER, token.parse()?);
+    Ok(request)
+}
+
+fn limit(limit: u64, window: Duration, algorithm: pb::Algorithm) -> Option<pb::Limit> {
+    Some(pb::Limit {
+        limit,
+        window: Some(prost_types::Duration {
+            seconds: i64::try_from(window.as_secs()).unwrap_or(0),
+            nanos: i32::try_from(window.subsec_nanos()).unwrap_or(0),
+        }),
+        algorithm: algorithm as i32,
+    })
+}
+
+async fn check(
+    client: &mut RateLimitServiceClient<Channel>,
+    key: &str,
+    limit: Option<pb::Limit>,
+    cost: u64,
+) -> anyhow::Result<pb::Decision> {
+    Ok(client
+        .check(request(pb::CheckRequest {
+            key: key.to_owned(),
+            limit,
+            cost,
+        })?)
+        .await?
+        .into_inner()
+        .decision
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn each_algorithm_admits_up_to_its_limit_and_peek_spends_nothing() -> anyhow::Result<()> {
+    let service = tests::services::ratelimit().await?;
+    let channel = Channel::from_shared(service.endpoint())?.connect().await?;
+    let mut client = RateLimitServiceClient::new(channel);
+    for algorithm in [
+        pb::Algorithm::SlidingWindow,
+        pb::Algorithm::Gcra,
+        pb::Algorithm::FixedWindow,
+    ] {
+        // A window long enough that the test never sees it pass.
+        let three_per_hour = limit(3, Duration::from_secs(3600), algorithm);
+        let key = format!("tenant-1:{algorithm:?}");
+        let peek = client
+            .peek(request(pb::PeekRequest {
+                key: key.clone(),
+                limit: three_per_hour,
+            })?)
+            .await?
+            .into_inner()
+            .decision
+            .unwrap_or_default();
+        assert!(
+            peek.allowed && peek.remaining == 3,
+            "{algorithm:?} {peek:?}"
+        );
+        let first = check(&mut client, &key, three_per_hour, 2).await?;
+        assert!(
+            first.allowed && first.remaining == 1,
+            "{algorithm:?} {first:?}"
+        );
+        assert!(first.decide_time.is_some());
+        let second = check(&mut client, &key, three_per_hour, 0).await?;
+        assert!(
+            second.allowed && second.remaining == 0,
+            "a check spends at least one unit"
+        );
+        let refused = check(&mut client, &key, three_per_hour, 1).await?;
+        assert!(!refused.allowed, "{algorithm:?} {refused:?}");
+        let retry_after = refused.retry_after.unwrap_or_default();
+        assert!(
+            retry_after.seconds > 0 && retry_after.seconds <= 3600,
+            "{retry_after:?}"
+        );
+        // Another key, or the same key under another limit, is counted apart.
+        assert!(
+            check(&mut client, &format!("{key}-other"), three_per_hour, 1)
+                .await?
+                .allowed
+        );
+        assert!(
+            check(
+                &mut client,
+                &key,
+                limit(4, Duration::from_secs(3600), algorithm),
+                1
+            )
+            .await?
+            .allowed
+        );
+    }
+    service.stop().await
+}
+
+#[tokio::test]
+async fn bad_limits_are_reported_by_field_and_the_scope_is_enforced() -> anyhow::Result<()> {
+    let service = tests::services::ratelimit().await?;
+    let channel = Channel::from_shared(service.endpoint())?.connect().await?;
+    let mut client = RateLimitServiceClient::new(channel);
+    let minute = Duration::from_secs(60);
+    let cases = [
+        ("", limit(5, minute, pb::Algorithm::Gcra), "key"),
+        ("k", None, "limit"),
+        ("k", limit(0, minute, pb::Algorithm::Gcra), "limit.limit"),
+        (
+            "k",
+            limit(1_001, minute, pb::Algorithm::SlidingWindow),
+            "limit.limit",
+        ),
+        (
+            "k",
+            limit(5, Duration::ZERO, pb::Algorithm::Gcra),
+            "limit.window",
+        ),
+    ];
+    for (key, limit, field) in cases {
+        let status = client
+            .check(request(pb::CheckRequest {
+                key: key.to_owned(),
+                limit,
+                cost: 1,
+            })?)
+            .await
+            .err();
+        assert_eq!(
+            status.as_ref().map(|s| (s.code(), violated_fields(s))),
+            Some((Code::InvalidArgument, vec![field.to_owned()])),
+            "{field}"
+        );
+    }
+    // Large limits are fine for the O(1) algorithms.
+    assert!(
+        check(
+            &mut client,
+            "big",
+            limit(1_000_000, minute, pb::Algorithm::Gcra),
+            1
+        )
+        .await?
+        .allowed
+    );
+    // The RPC's scope is required.
+    let mut denied = tonic::Request::new(pb::CheckRequest::default());
+    let token = tests::identity::token("gateway", &["payments:read"], "ratelimit-svc");
+    denied
+        .metadata_mut()
+        .insert(IDENTITY_HEADER, token.parse()?);
+    assert_eq!(
+        client.check(denied).await.err().map(|s| s.code()),
+        Some(Code::PermissionDenied)
+    );
+    service.stop().await
+}
