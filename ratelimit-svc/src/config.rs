@@ -11,6 +11,11 @@ pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
 /// memory is O(limit) per key).
 pub const ENV_SLIDING_WINDOW_MAX_LIMIT: &str = "SLIDING_WINDOW_MAX_LIMIT";
 
+/// `REDIS_URL`: the shared store (`redis://`, `rediss://` for TLS); unset = the embedded memory store.
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
+/// `REDIS_TIMEOUT`: the deadline of every Redis call.
+pub const ENV_REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
+
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
 
@@ -27,6 +32,10 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The largest sliding-window limit.
     pub sliding_window_max_limit: u64,
+    /// The shared store, when configured.
+    pub redis_url: Option<String>,
+    /// The deadline of every Redis call.
+    pub redis_timeout: std::time::Duration,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -41,6 +50,9 @@ impl Config {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             identity: IdentityConfig::from_env(env, AUDIENCE)?,
             sliding_window_max_limit: env.parse_or(ENV_SLIDING_WINDOW_MAX_LIMIT, 1_000)?,
+            redis_url: env.raw(ENV_REDIS_URL).map(str::to_owned),
+            redis_timeout: env
+                .duration_or(ENV_REDIS_TIMEOUT, std::time::Duration::from_millis(250))?,
             limits: ServerLimits::from_env(env)?,
         })
     }
@@ -52,6 +64,8 @@ impl Config {
             listen_addr,
             identity,
             sliding_window_max_limit: 1_000,
+            redis_url: None,
+            redis_timeout: std::time::Duration::from_millis(250),
             limits: ServerLimits::default(),
         }
     }

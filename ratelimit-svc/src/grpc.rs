@@ -9,7 +9,7 @@ use service_kit::validation::Violations;
 use tonic::{Request, Response, Status};
 
 use crate::limiter::{Algorithm, Decision, Limit};
-use crate::store::MemoryStore;
+use crate::store::Store;
 
 /// The longest window a limit may have.
 const MAX_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
@@ -17,7 +17,7 @@ const MAX_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
 const MAX_KEY_BYTES: usize = 512;
 
 /// Every service ratelimit-svc serves.
-pub(crate) fn services(store: MemoryStore, sliding_window_max_limit: u64) -> ServiceSet {
+pub(crate) fn services(store: Store, sliding_window_max_limit: u64) -> ServiceSet {
     ServiceSet::new("ratelimit-svc").add_service(RateLimitServiceServer::new(RateLimitApi {
         store,
         sliding_window_max_limit,
@@ -27,11 +27,18 @@ pub(crate) fn services(store: MemoryStore, sliding_window_max_limit: u64) -> Ser
 /// `paysuite.ratelimit.v1.RateLimitService`.
 #[derive(Debug, Clone)]
 struct RateLimitApi {
-    store: MemoryStore,
+    store: Store,
     sliding_window_max_limit: u64,
 }
 
 impl RateLimitApi {
+    async fn decide(&self, key: &str, limit: &Limit, cost: u64) -> Result<Decision, Status> {
+        self.store.decide(key, limit, cost).await.map_err(|err| {
+            tracing::warn!(error = %err, "rate limit store failed");
+            Status::unavailable(format!("rate limit store unavailable: {err}"))
+        })
+    }
+
     fn parse(
         &self,
         violations: &mut Violations,
@@ -118,7 +125,7 @@ impl RateLimitService for RateLimitApi {
         let Some(limit) = limit else {
             return Err(Status::internal("validation passed without values"));
         };
-        let decided = self.store.decide(&request.key, &limit, cost);
+        let decided = self.decide(&request.key, &limit, cost).await?;
         Ok(Response::new(pb::CheckResponse {
             decision: Some(decision(&decided)),
         }))
@@ -135,7 +142,7 @@ impl RateLimitService for RateLimitApi {
         let Some(limit) = limit else {
             return Err(Status::internal("validation passed without values"));
         };
-        let decided = self.store.decide(&request.key, &limit, 0);
+        let decided = self.decide(&request.key, &limit, 0).await?;
         Ok(Response::new(pb::PeekResponse {
             decision: Some(decision(&decided)),
         }))

@@ -106,13 +106,21 @@ pub async fn payment_with_acquirer(
     .await
 }
 
-/// ratelimit-svc with default settings.
+/// ratelimit-svc with default settings (the embedded memory store).
 pub async fn ratelimit() -> anyhow::Result<RunningService> {
+    ratelimit_with(|_| {}).await
+}
+
+/// ratelimit-svc with its configuration adjusted by `adjust`.
+pub async fn ratelimit_with(
+    adjust: impl FnOnce(&mut ratelimit_svc::Config) + Send + 'static,
+) -> anyhow::Result<RunningService> {
     RunningService::start(|listener, stopped| async move {
-        let config = ratelimit_svc::Config::new(
+        let mut config = ratelimit_svc::Config::new(
             listener.local_addr()?,
             crate::identity::config(ratelimit_svc::config::AUDIENCE),
         );
+        adjust(&mut config);
         ratelimit_svc::run(listener, config, on_signal(stopped)).await?;
         Ok(())
     })

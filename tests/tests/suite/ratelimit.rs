@@ -172,3 +172,72 @@ async fn bad_limits_are_reported_by_field_and_the_scope_is_enforced() -> anyhow:
     );
     service.stop().await
 }
+
+#[tokio::test]
+async fn replicas_sharing_redis_enforce_one_limit_on_redis_time() -> anyhow::Result<()> {
+    let redis = tests::redis::TestRedis::new()?;
+    let mut clients = Vec::new();
+    let mut services = Vec::new();
+    for _ in 0..2 {
+        let url = redis.url().to_owned();
+        let service = tests::services::ratelimit_with(move |config| {
+            config.redis_url = Some(url);
+        })
+        .await?;
+        let channel = Channel::from_shared(service.endpoint())?.connect().await?;
+        clients.push(RateLimitServiceClient::new(channel));
+        services.push(service);
+    }
+    for algorithm in [
+        pb::Algorithm::SlidingWindow,
+        pb::Algorithm::Gcra,
+        pb::Algorithm::FixedWindow,
+    ] {
+        let five_per_hour = limit(5, Duration::from_secs(3600), algorithm);
+        let key = format!("{}shared:{algorithm:?}", redis.prefix());
+        let mut allowed = 0;
+        let mut times = Vec::new();
+        for n in 0..10 {
+            let decision = check(&mut clients[n % 2], &key, five_per_hour, 1).await?;
+            allowed += usize::from(decision.allowed);
+            let at = decision.decide_time.unwrap_or_default();
+            times.push((at.seconds, at.nanos));
+        }
+        assert_eq!(allowed, 5, "{algorithm:?}: one limit across both replicas");
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "decisions on Redis's clock: {times:?}"
+        );
+        // The state lives in Redis under a hash-tagged key with a TTL.
+        let mut connection = redis.connection().await?;
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("rl:{{{key}}}:*"))
+            .query_async(&mut connection)
+            .await?;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(&keys[0])
+            .query_async(&mut connection)
+            .await?;
+        assert!(ttl > 0, "keys expire on their own: {ttl}");
+    }
+    // After Redis forgets the scripts, the next call loads them again (NOSCRIPT fallback).
+    let mut connection = redis.connection().await?;
+    let () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut connection)
+        .await?;
+    let key = format!("{}after-flush", redis.prefix());
+    let decision = check(
+        &mut clients[0],
+        &key,
+        limit(1, Duration::from_secs(60), pb::Algorithm::SlidingWindow),
+        1,
+    )
+    .await?;
+    assert!(decision.allowed);
+    for service in services {
+        service.stop().await?;
+    }
+    Ok(())
+}
