@@ -299,13 +299,14 @@ pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
         .unwrap_or(0)
         .min(20);
     let nominal = base.saturating_mul(1 << exponent).min(max);
+    // 75–125 % of the nominal backoff, in integer thousandths.
     let mut random = [0u8; 2];
-    let jitter = if getrandom::fill(&mut random).is_ok() {
-        f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX)
+    let per_mille = if getrandom::fill(&mut random).is_ok() {
+        750 + u32::from(u16::from_le_bytes(random)) % 501
     } else {
-        0.5
+        1000
     };
-    nominal.mul_f64(0.75 + jitter / 2.0)
+    nominal.saturating_mul(per_mille) / 1000
 }
 
 /// Records `outcome` for a job held under `job`'s token, in the caller's transaction
@@ -497,4 +498,24 @@ pub async fn stats(pool: &PgPool) -> Result<QueueStats, Error> {
         dead: row.try_get("dead")?,
         oldest_ready_ms: row.try_get("oldest_ready_ms")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_per_attempt_within_its_jitter_and_cap() {
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        for attempt in 1..=12 {
+            let nominal = base.saturating_mul(1 << (attempt - 1)).min(max);
+            for _ in 0..50 {
+                let wait = backoff(attempt, base, max);
+                assert!(
+                    wait >= nominal * 3 / 4 && wait <= nominal * 5 / 4,
+                    "{attempt}: {wait:?}"
+                );
+            }
+        }
+    }
 }
