@@ -285,15 +285,7 @@ pub async fn get(
     owner_id: &str,
     payment_id: &str,
 ) -> Result<Payment, Error> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{PAYMENT_SELECT} WHERE p.id = $1 AND p.owner_id = $2"
-    )))
-    .bind(payment_id)
-    .bind(owner_id)
-    .fetch_optional(&mut *connection)
-    .await?
-    .ok_or(Error::NotFound("payment"))?;
-    payment_from_row(&row)
+    fetch(connection, owner_id, payment_id, "").await
 }
 
 /// One of `owner_id`'s payments, its row locked until the transaction ends.
@@ -302,8 +294,17 @@ async fn get_for_update(
     owner_id: &str,
     payment_id: &str,
 ) -> Result<Payment, Error> {
+    fetch(connection, owner_id, payment_id, " FOR UPDATE OF p").await
+}
+
+async fn fetch(
+    connection: &mut PgConnection,
+    owner_id: &str,
+    payment_id: &str,
+    lock: &'static str,
+) -> Result<Payment, Error> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{PAYMENT_SELECT} WHERE p.id = $1 AND p.owner_id = $2 FOR UPDATE OF p"
+        "{PAYMENT_SELECT} WHERE p.id = $1 AND p.owner_id = $2{lock}"
     )))
     .bind(payment_id)
     .bind(owner_id)
@@ -751,14 +752,7 @@ impl Payments {
             let mut connection = self.pool.acquire().await?;
             let (attempt_id, amount) =
                 pending_attempt(&mut connection, payment_id, "capture").await?;
-            let authorization_id: Option<String> =
-                sqlx::query_scalar("SELECT authorization_id FROM payments WHERE id = $1")
-                    .bind(payment_id)
-                    .fetch_one(&mut *connection)
-                    .await?;
-            let authorization_id = authorization_id.ok_or_else(|| {
-                Error::Internal("authorized payment without authorization".to_owned())
-            })?;
+            let authorization_id = followup::authorization_id(&mut connection, payment_id).await?;
             (attempt_id, amount, authorization_id)
         };
         let result = tokio::time::timeout(

@@ -594,7 +594,8 @@ async fn prepare_in(
     }
 }
 
-async fn authorization_id(
+/// The approved authorization (attempt id) of a payment.
+pub(super) async fn authorization_id(
     connection: &mut PgConnection,
     payment_id: &str,
 ) -> Result<String, Error> {

@@ -186,7 +186,7 @@ async fn next_step(
                 return Ok(Step::Done(JobOutcome::Snooze(wait)));
             }
             // Uncaptured for too long: void the authorization.
-            let authorization = authorization_of(connection, &payment.id).await?;
+            let authorization = followup::authorization_id(connection, &payment.id).await?;
             insert_attempt(
                 connection,
                 &payment.owner_id,
@@ -363,19 +363,6 @@ async fn open_refund_attempt(
     .fetch_optional(&mut *connection)
     .await?;
     row.as_ref().map(attempt_from_row).transpose()
-}
-
-async fn authorization_of(
-    connection: &mut PgConnection,
-    payment_id: &str,
-) -> Result<String, Error> {
-    let authorization: Option<String> =
-        sqlx::query_scalar("SELECT authorization_id FROM payments WHERE id = $1")
-            .bind(payment_id)
-            .fetch_one(&mut *connection)
-            .await?;
-    authorization
-        .ok_or_else(|| Error::Internal(format!("payment {payment_id} has no authorization")))
 }
 
 /// When the acquirer approved the payment's authorization.
