@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 
+use service_kit::breaker::BreakerConfig;
 use service_kit::{ConfigError, Env, IdentityConfig, ServerLimits};
+
+use crate::guard::FailureMode;
 
 /// `LISTEN_ADDR`: the gRPC listen address.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -15,6 +18,10 @@ pub const ENV_SLIDING_WINDOW_MAX_LIMIT: &str = "SLIDING_WINDOW_MAX_LIMIT";
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
 /// `REDIS_TIMEOUT`: the deadline of every Redis call.
 pub const ENV_REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
+
+/// `FAILURE_MODE`: what a request gets when the store cannot decide (`open` admits,
+/// `closed` refuses): the own API's mode and the default of Envoy domains.
+pub const ENV_FAILURE_MODE: &str = "FAILURE_MODE";
 
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
@@ -36,6 +43,10 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// The deadline of every Redis call.
     pub redis_timeout: std::time::Duration,
+    /// The breaker in front of the store.
+    pub redis_breaker: BreakerConfig,
+    /// What a request gets when the store cannot decide.
+    pub failure_mode: FailureMode,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -53,6 +64,8 @@ impl Config {
             redis_url: env.raw(ENV_REDIS_URL).map(str::to_owned),
             redis_timeout: env
                 .duration_or(ENV_REDIS_TIMEOUT, std::time::Duration::from_millis(250))?,
+            redis_breaker: BreakerConfig::default(),
+            failure_mode: env.parse_or(ENV_FAILURE_MODE, FailureMode::default())?,
             limits: ServerLimits::from_env(env)?,
         })
     }
@@ -66,6 +79,8 @@ impl Config {
             sliding_window_max_limit: 1_000,
             redis_url: None,
             redis_timeout: std::time::Duration::from_millis(250),
+            redis_breaker: BreakerConfig::default(),
+            failure_mode: FailureMode::default(),
             limits: ServerLimits::default(),
         }
     }

@@ -8,8 +8,8 @@ use service_kit::ServiceSet;
 use service_kit::validation::Violations;
 use tonic::{Request, Response, Status};
 
-use crate::limiter::{Algorithm, Decision, Limit};
-use crate::store::Store;
+use crate::guard::{FailureMode, Limiter, Outcome, Source};
+use crate::limiter::{Algorithm, Limit};
 
 /// The longest window a limit may have.
 const MAX_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
@@ -17,9 +17,14 @@ const MAX_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
 const MAX_KEY_BYTES: usize = 512;
 
 /// Every service ratelimit-svc serves.
-pub(crate) fn services(store: Store, sliding_window_max_limit: u64) -> ServiceSet {
+pub(crate) fn services(
+    limiter: Limiter,
+    failure_mode: FailureMode,
+    sliding_window_max_limit: u64,
+) -> ServiceSet {
     ServiceSet::new("ratelimit-svc").add_service(RateLimitServiceServer::new(RateLimitApi {
-        store,
+        limiter,
+        failure_mode,
         sliding_window_max_limit,
     }))
 }
@@ -27,18 +32,13 @@ pub(crate) fn services(store: Store, sliding_window_max_limit: u64) -> ServiceSe
 /// `paysuite.ratelimit.v1.RateLimitService`.
 #[derive(Debug, Clone)]
 struct RateLimitApi {
-    store: Store,
+    limiter: Limiter,
+    /// What a Check gets when the store cannot decide.
+    failure_mode: FailureMode,
     sliding_window_max_limit: u64,
 }
 
 impl RateLimitApi {
-    async fn decide(&self, key: &str, limit: &Limit, cost: u64) -> Result<Decision, Status> {
-        self.store.decide(key, limit, cost).await.map_err(|err| {
-            tracing::warn!(error = %err, "rate limit store failed");
-            Status::unavailable(format!("rate limit store unavailable: {err}"))
-        })
-    }
-
     fn parse(
         &self,
         violations: &mut Violations,
@@ -91,7 +91,8 @@ impl RateLimitApi {
     }
 }
 
-fn decision(decision: &Decision) -> pb::Decision {
+fn decision(outcome: &Outcome) -> pb::Decision {
+    let decision = &outcome.decision;
     let proto_duration = |d: Duration| prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
@@ -107,6 +108,12 @@ fn decision(decision: &Decision) -> pb::Decision {
             nanos: i32::try_from(decision.decided_at_micros.rem_euclid(1_000_000) * 1_000)
                 .unwrap_or(0),
         }),
+        source: match outcome.source {
+            Source::Store => pb::DecisionSource::Store,
+            Source::Cache => pb::DecisionSource::Cache,
+            Source::FailOpen => pb::DecisionSource::FailOpen,
+            Source::FailClosed => pb::DecisionSource::FailClosed,
+        } as i32,
     }
 }
 
@@ -125,7 +132,10 @@ impl RateLimitService for RateLimitApi {
         let Some(limit) = limit else {
             return Err(Status::internal("validation passed without values"));
         };
-        let decided = self.decide(&request.key, &limit, cost).await?;
+        let decided = self
+            .limiter
+            .decide(&request.key, &limit, cost, self.failure_mode)
+            .await;
         Ok(Response::new(pb::CheckResponse {
             decision: Some(decision(&decided)),
         }))
@@ -142,7 +152,10 @@ impl RateLimitService for RateLimitApi {
         let Some(limit) = limit else {
             return Err(Status::internal("validation passed without values"));
         };
-        let decided = self.decide(&request.key, &limit, 0).await?;
+        let decided = self
+            .limiter
+            .decide(&request.key, &limit, 0, self.failure_mode)
+            .await;
         Ok(Response::new(pb::PeekResponse {
             decision: Some(decision(&decided)),
         }))

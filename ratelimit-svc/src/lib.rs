@@ -3,16 +3,22 @@
 //!
 //! - [`config`]: settings from the environment.
 //! - `grpc`: the gRPC edge — the only module that sees protobuf types.
+//! - [`limiter`]: the three algorithms as pure decisions.
+//! - [`store`]: where state lives — memory (one replica) or Redis (shared).
+//! - [`guard`]: the store behind the over-limit cache, a circuit breaker and the failure
+//!   modes, so every request is answered in bounded time.
 //!
 //! [`run`] is the whole service behind a listener; `main` only reads config, sets up
 //! telemetry and binds.
 
 pub mod config;
 mod grpc;
+pub mod guard;
 pub mod limiter;
 pub mod store;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
@@ -20,6 +26,20 @@ pub use config::Config;
 
 /// Serves gRPC on `listener` until `shutdown` completes.
 pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), RunError>
+where
+    F: Future<Output = ()> + Send,
+{
+    run_with_counters(listener, config, Arc::default(), shutdown).await
+}
+
+/// [`run`], counting into `counters` (tests read them to prove which path ran). The
+/// counters are also logged when the service stops.
+pub async fn run_with_counters<F>(
+    listener: TcpListener,
+    config: Config,
+    counters: Arc<guard::Counters>,
+    shutdown: F,
+) -> Result<(), RunError>
 where
     F: Future<Output = ()> + Send,
 {
@@ -31,9 +51,24 @@ where
             store::SystemClock,
         ))),
     };
-    let services = grpc::services(store, config.sliding_window_max_limit)
-        .require_identity(config.identity.verifier());
-    service_kit::serve(listener, services, &config.limits, shutdown).await?;
+    let limiter = guard::Limiter::new(store, config.redis_breaker.clone(), Arc::clone(&counters));
+    let services = grpc::services(
+        limiter,
+        config.failure_mode,
+        config.sliding_window_max_limit,
+    )
+    .require_identity(config.identity.verifier());
+    let served = service_kit::serve(listener, services, &config.limits, shutdown).await;
+    let counted = counters.values();
+    tracing::info!(
+        store_errors = counted.store_errors,
+        breaker_rejections = counted.breaker_rejections,
+        fail_open = counted.fail_open,
+        fail_closed = counted.fail_closed,
+        cache_hits = counted.cache_hits,
+        "ratelimit-svc counters at shutdown"
+    );
+    served?;
     Ok(())
 }
 
