@@ -276,3 +276,115 @@ impl Limiter {
             .or_insert(refusal);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::Algorithm;
+    use crate::store::MemoryStore;
+
+    /// The store's clock follows tokio's (paused) clock, so the test drives both.
+    #[derive(Debug)]
+    struct TokioClock(Instant);
+
+    impl Clock for TokioClock {
+        fn now_micros(&self) -> i64 {
+            1_700_000_000_000_000 + i64::try_from(self.0.elapsed().as_micros()).unwrap_or(0)
+        }
+    }
+
+    fn limiter() -> Limiter {
+        let store = Store::Memory(MemoryStore::new(Arc::new(TokioClock(Instant::now()))));
+        Limiter::new(store, BreakerConfig::default(), Arc::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_cached_for_costs_at_least_as_large_until_they_could_pass() {
+        let limiter = limiter();
+        let limit = Limit {
+            limit: 3,
+            window: Duration::from_secs(10),
+            algorithm: Algorithm::SlidingWindow,
+        };
+        let decide = |cost| limiter.decide("k", &limit, cost, FailureMode::Closed);
+        assert_eq!(decide(2).await.source, Source::Store);
+        // One unit left: a cost of 2 is refused by the store, then by the cache.
+        let refused = decide(2).await;
+        assert_eq!(
+            (refused.decision.allowed, refused.source),
+            (false, Source::Store)
+        );
+        let cached = decide(3).await;
+        assert_eq!(
+            (cached.decision.allowed, cached.source),
+            (false, Source::Cache)
+        );
+        // A smaller cost might pass, so the store is asked (and admits it).
+        let smaller = decide(1).await;
+        assert_eq!(
+            (smaller.decision.allowed, smaller.source),
+            (true, Source::Store)
+        );
+        // The refusal of a cost of 1 now covers peeks too.
+        assert_eq!(decide(1).await.source, Source::Store);
+        let peek = decide(0).await;
+        assert_eq!((peek.decision.allowed, peek.source), (false, Source::Cache));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let later = decide(1).await;
+        assert_eq!(later.source, Source::Cache);
+        assert_eq!(
+            later.decision.retry_after,
+            refused.decision.retry_after - Duration::from_secs(3),
+            "a cached refusal counts down"
+        );
+        // Once the window has passed the cache steps aside and the store admits again.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let after = decide(1).await;
+        assert_eq!(
+            (after.decision.allowed, after.source),
+            (true, Source::Store)
+        );
+        let counted = limiter.counters().values();
+        assert_eq!(counted.cache_hits, 3);
+        assert_eq!(
+            (counted.fail_open, counted.fail_closed, counted.store_errors),
+            (0, 0, 0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_and_limits_are_cached_apart() {
+        let limiter = limiter();
+        let one = Limit {
+            limit: 1,
+            window: Duration::from_secs(60),
+            algorithm: Algorithm::Gcra,
+        };
+        let two = Limit { limit: 2, ..one };
+        assert!(
+            limiter
+                .decide("a", &one, 1, FailureMode::Open)
+                .await
+                .decision
+                .allowed
+        );
+        assert_eq!(
+            limiter.decide("a", &one, 1, FailureMode::Open).await.source,
+            Source::Store
+        );
+        assert_eq!(
+            limiter.decide("a", &one, 1, FailureMode::Open).await.source,
+            Source::Cache
+        );
+        let other_limit = limiter.decide("a", &two, 1, FailureMode::Open).await;
+        assert_eq!(
+            (other_limit.decision.allowed, other_limit.source),
+            (true, Source::Store)
+        );
+        let other_key = limiter.decide("b", &one, 1, FailureMode::Open).await;
+        assert_eq!(
+            (other_key.decision.allowed, other_key.source),
+            (true, Source::Store)
+        );
+    }
+}

@@ -196,14 +196,25 @@ async fn replicas_sharing_redis_enforce_one_limit_on_redis_time() -> anyhow::Res
         let five_per_hour = limit(5, Duration::from_secs(3600), algorithm);
         let key = format!("{}shared:{algorithm:?}", redis.prefix());
         let mut allowed = 0;
+        let mut cached = 0;
         let mut times = Vec::new();
         for n in 0..10 {
             let decision = check(&mut clients[n % 2], &key, five_per_hour, 1).await?;
             allowed += usize::from(decision.allowed);
+            // A replica answers a refusal it already got from Redis from its own cache,
+            // stamped with its own clock; only Redis's answers are on Redis's clock.
+            if decision.source() == pb::DecisionSource::Cache {
+                cached += 1;
+                assert!(!decision.allowed, "only refusals are cached");
+                continue;
+            }
+            assert_eq!(decision.source(), pb::DecisionSource::Store);
             let at = decision.decide_time.unwrap_or_default();
             times.push((at.seconds, at.nanos));
         }
         assert_eq!(allowed, 5, "{algorithm:?}: one limit across both replicas");
+        // Each replica asks Redis once after the limit is reached, then answers itself.
+        assert_eq!(cached, 3, "{algorithm:?}");
         assert!(
             times.windows(2).all(|w| w[0] <= w[1]),
             "decisions on Redis's clock: {times:?}"
