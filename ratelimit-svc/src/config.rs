@@ -23,6 +23,10 @@ pub const ENV_REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
 /// `closed` refuses): the own API's mode and the default of Envoy domains.
 pub const ENV_FAILURE_MODE: &str = "FAILURE_MODE";
 
+/// `RATELIMIT_CONFIG`: the rules of Envoy's rate limit API in envoyproxy/ratelimit's YAML
+/// format — a file, or a directory of `*.yaml` files; unset = no Envoy domain.
+pub const ENV_RATELIMIT_CONFIG: &str = "RATELIMIT_CONFIG";
+
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50053";
 
@@ -47,6 +51,8 @@ pub struct Config {
     pub redis_breaker: BreakerConfig,
     /// What a request gets when the store cannot decide.
     pub failure_mode: FailureMode,
+    /// Where the rules of Envoy's rate limit API are (read at start).
+    pub ratelimit_config: Option<std::path::PathBuf>,
     /// Server hardening.
     pub limits: ServerLimits,
 }
@@ -66,6 +72,7 @@ impl Config {
                 .duration_or(ENV_REDIS_TIMEOUT, std::time::Duration::from_millis(250))?,
             redis_breaker: BreakerConfig::default(),
             failure_mode: env.parse_or(ENV_FAILURE_MODE, FailureMode::default())?,
+            ratelimit_config: env.raw(ENV_RATELIMIT_CONFIG).map(Into::into),
             limits: ServerLimits::from_env(env)?,
         })
     }
@@ -81,6 +88,7 @@ impl Config {
             redis_timeout: std::time::Duration::from_millis(250),
             redis_breaker: BreakerConfig::default(),
             failure_mode: FailureMode::default(),
+            ratelimit_config: None,
             limits: ServerLimits::default(),
         }
     }

@@ -16,17 +16,21 @@ const MAX_WINDOW: Duration = Duration::from_secs(31 * 24 * 3600);
 /// The longest key.
 const MAX_KEY_BYTES: usize = 512;
 
-/// Every service ratelimit-svc serves.
+/// Every service ratelimit-svc serves: ours, and Envoy's (whose descriptors are not
+/// ours, so reflection does not list it).
 pub(crate) fn services(
     limiter: Limiter,
     failure_mode: FailureMode,
     sliding_window_max_limit: u64,
+    envoy_rules: std::sync::Arc<crate::rules::Rules>,
 ) -> ServiceSet {
-    ServiceSet::new("ratelimit-svc").add_service(RateLimitServiceServer::new(RateLimitApi {
-        limiter,
-        failure_mode,
-        sliding_window_max_limit,
-    }))
+    ServiceSet::new("ratelimit-svc")
+        .add_service(RateLimitServiceServer::new(RateLimitApi {
+            limiter: limiter.clone(),
+            failure_mode,
+            sliding_window_max_limit,
+        }))
+        .add_unreflected_service(crate::envoy::server(limiter, envoy_rules, failure_mode))
 }
 
 /// `paysuite.ratelimit.v1.RateLimitService`.

@@ -2,7 +2,10 @@
 //! and Envoy's `envoy.service.ratelimit.v3.RateLimitService`.
 //!
 //! - [`config`]: settings from the environment.
-//! - `grpc`: the gRPC edge — the only module that sees protobuf types.
+//! - `grpc`: the gRPC edge of our API — with `envoy`, the only modules that see protobuf
+//!   types.
+//! - `envoy`: Envoy's rate limit service (RLS v3), configured by [`rules`].
+//! - [`rules`]: envoyproxy/ratelimit's YAML configuration, parsed into rule trees.
 //! - [`limiter`]: the three algorithms as pure decisions.
 //! - [`store`]: where state lives — memory (one replica) or Redis (shared).
 //! - [`guard`]: the store behind the over-limit cache, a circuit breaker and the failure
@@ -12,9 +15,11 @@
 //! telemetry and binds.
 
 pub mod config;
+mod envoy;
 mod grpc;
 pub mod guard;
 pub mod limiter;
+pub mod rules;
 pub mod store;
 
 use std::future::Future;
@@ -43,6 +48,14 @@ pub async fn run_with_counters<F>(
 where
     F: Future<Output = ()> + Send,
 {
+    // Bad rules stop the service before it serves anything.
+    let envoy_rules = match &config.ratelimit_config {
+        Some(path) => {
+            rules::Rules::load(path, config.sliding_window_max_limit).map_err(RunError::Rules)?
+        }
+        None => rules::Rules::default(),
+    };
+    tracing::info!(domains = envoy_rules.len(), "envoy rate limit rules loaded");
     let store = match &config.redis_url {
         Some(url) => {
             store::Store::Redis(store::RedisStore::connect(url, config.redis_timeout).await?)
@@ -56,6 +69,7 @@ where
         limiter,
         config.failure_mode,
         config.sliding_window_max_limit,
+        Arc::new(envoy_rules),
     )
     .require_identity(config.identity.verifier());
     let served = service_kit::serve(listener, services, &config.limits, shutdown).await;
@@ -75,6 +89,10 @@ where
 /// Why ratelimit-svc stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The Envoy rules cannot be used (not a `#[source]`: the message already holds it,
+    /// and `main` prints the chain).
+    #[error("RATELIMIT_CONFIG: {0}")]
+    Rules(rules::RulesError),
     /// Redis could not be reached at start.
     #[error("REDIS_URL: {0}")]
     Store(#[from] store::StoreError),
