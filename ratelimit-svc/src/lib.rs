@@ -43,10 +43,8 @@ pub async fn run_with_counters<F>(
 where
     F: Future<Output = ()> + Send,
 {
-    let store = match &config.redis_url {
-        Some(url) => {
-            store::Store::Redis(store::RedisStore::connect(url, config.redis_timeout).await?)
-        }
+    let store = match config.redis_settings() {
+        Some(settings) => store::Store::Redis(store::RedisStore::connect_with(&settings).await?),
         None => store::Store::Memory(store::MemoryStore::new(std::sync::Arc::new(
             store::SystemClock,
         ))),
