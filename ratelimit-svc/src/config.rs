@@ -6,6 +6,7 @@ use service_kit::breaker::BreakerConfig;
 use service_kit::{ConfigError, Env, IdentityConfig, ServerLimits};
 
 use crate::guard::FailureMode;
+use crate::store::RedisSettings;
 
 /// `LISTEN_ADDR`: the gRPC listen address.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
@@ -14,8 +15,13 @@ pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
 /// memory is O(limit) per key).
 pub const ENV_SLIDING_WINDOW_MAX_LIMIT: &str = "SLIDING_WINDOW_MAX_LIMIT";
 
-/// `REDIS_URL`: the shared store (`redis://`, `rediss://` for TLS); unset = the embedded memory store.
+/// `REDIS_URL`: the shared store (`redis://`, `rediss://` for TLS); with `REDIS_CLUSTER`
+/// a comma-separated list of seed nodes; unset = the embedded memory store.
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
+/// `REDIS_CLUSTER`: whether `REDIS_URL` names Redis Cluster nodes.
+pub const ENV_REDIS_CLUSTER: &str = "REDIS_CLUSTER";
+/// `REDIS_TLS_CA_FILE`: a PEM file of the CA that signed the Redis servers' certificates.
+pub const ENV_REDIS_TLS_CA_FILE: &str = "REDIS_TLS_CA_FILE";
 /// `REDIS_TIMEOUT`: the deadline of every Redis call.
 pub const ENV_REDIS_TIMEOUT: &str = "REDIS_TIMEOUT";
 
@@ -43,8 +49,13 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// The largest sliding-window limit.
     pub sliding_window_max_limit: u64,
-    /// The shared store, when configured.
+    /// The shared store, when configured: one URL, or with `redis_cluster` a
+    /// comma-separated list of seed nodes.
     pub redis_url: Option<String>,
+    /// Whether `redis_url` names Redis Cluster nodes.
+    pub redis_cluster: bool,
+    /// The CA of the Redis servers' certificates, for a private CA (`rediss://`).
+    pub redis_tls_ca_file: Option<std::path::PathBuf>,
     /// The deadline of every Redis call.
     pub redis_timeout: std::time::Duration,
     /// The breaker in front of the store.
@@ -63,17 +74,45 @@ impl Config {
         let default_addr: SocketAddr = DEFAULT_LISTEN_ADDR
             .parse()
             .map_err(|err| ConfigError::new(ENV_LISTEN_ADDR, err))?;
+        let redis_cluster = env.bool_or(ENV_REDIS_CLUSTER, false)?;
+        if !redis_cluster && env.raw(ENV_REDIS_URL).is_some_and(|url| url.contains(',')) {
+            return Err(ConfigError::new(
+                ENV_REDIS_URL,
+                "several URLs name cluster nodes: set REDIS_CLUSTER=true",
+            ));
+        }
         Ok(Self {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             identity: IdentityConfig::from_env(env, AUDIENCE)?,
             sliding_window_max_limit: env.parse_or(ENV_SLIDING_WINDOW_MAX_LIMIT, 1_000)?,
-            redis_url: env.raw(ENV_REDIS_URL).map(str::to_owned),
+            redis_url: env
+                .raw(ENV_REDIS_URL)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned),
+            redis_cluster,
+            redis_tls_ca_file: env.raw(ENV_REDIS_TLS_CA_FILE).map(std::path::PathBuf::from),
             redis_timeout: env
                 .duration_or(ENV_REDIS_TIMEOUT, std::time::Duration::from_millis(250))?,
             redis_breaker: BreakerConfig::default(),
             failure_mode: env.parse_or(ENV_FAILURE_MODE, FailureMode::default())?,
             ratelimit_config: env.raw(ENV_RATELIMIT_CONFIG).map(Into::into),
             limits: ServerLimits::from_env(env)?,
+        })
+    }
+
+    /// How to reach Redis, when it is configured.
+    pub fn redis_settings(&self) -> Option<RedisSettings> {
+        let urls = self.redis_url.as_deref()?;
+        Some(RedisSettings {
+            urls: urls
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            cluster: self.redis_cluster,
+            tls_ca_file: self.redis_tls_ca_file.clone(),
+            timeout: self.redis_timeout,
         })
     }
 
@@ -85,6 +124,8 @@ impl Config {
             identity,
             sliding_window_max_limit: 1_000,
             redis_url: None,
+            redis_cluster: false,
+            redis_tls_ca_file: None,
             redis_timeout: std::time::Duration::from_millis(250),
             redis_breaker: BreakerConfig::default(),
             failure_mode: FailureMode::default(),

@@ -56,10 +56,8 @@ where
         None => rules::Rules::default(),
     };
     tracing::info!(domains = envoy_rules.len(), "envoy rate limit rules loaded");
-    let store = match &config.redis_url {
-        Some(url) => {
-            store::Store::Redis(store::RedisStore::connect(url, config.redis_timeout).await?)
-        }
+    let store = match config.redis_settings() {
+        Some(settings) => store::Store::Redis(store::RedisStore::connect_with(&settings).await?),
         None => store::Store::Memory(store::MemoryStore::new(std::sync::Arc::new(
             store::SystemClock,
         ))),

@@ -1,5 +1,5 @@
-//! Where limiter state lives. The memory store is the embedded default (one replica);
-//! the Redis store (shared by replicas) lands next with the same decisions in Lua.
+//! Where limiter state lives: the embedded memory store (one replica), or Redis — one
+//! server or a Cluster — shared by replicas, with the same decisions as Lua scripts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -75,48 +75,148 @@ pub enum StoreError {
     /// Redis answered with an error, or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The Redis settings cannot work (a CA file that does not read, no cluster node).
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// Where the Redis store connects, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URLs: the server, or with `cluster` the seed nodes.
+    pub urls: Vec<String>,
+    /// Whether `urls` are seeds of a Redis Cluster.
+    pub cluster: bool,
+    /// A PEM file of the CA that signed the servers' certificates (`rediss://`); without
+    /// it the Mozilla roots (webpki-roots) are trusted.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// The deadline of every call.
+    pub timeout: std::time::Duration,
+}
+
+/// The connection a store holds: one server, or a cluster routed by key slot. Both
+/// reconnect by themselves; the cluster client follows MOVED and ASK redirections and
+/// refreshes its slot map when the cluster is resharded.
+#[derive(Clone)]
+enum Connection {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 /// Limiter state in Redis, shared by every replica: each decision is one atomic Lua
-/// script (EVALSHA, falling back to EVAL when Redis lost its script cache) on Redis's
-/// own clock, and keys expire by TTL. Keys are hash-tagged on the caller's key, so a
-/// Redis Cluster keeps each key's state in one slot.
+/// script on Redis's own clock, and keys expire by TTL. The script is sent as EVALSHA and,
+/// when the server answers NOSCRIPT (restarted, failed over, SCRIPT FLUSH), once more as
+/// EVAL, which also caches it there; both carry the key, so on a cluster they reach the
+/// node owning its slot. Keys are hash-tagged on the caller's key, so every key of one
+/// limit lives in one slot.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: redis::aio::ConnectionManager,
+    connection: Connection,
     timeout: std::time::Duration,
-    sliding: Arc<redis::Script>,
-    gcra: Arc<redis::Script>,
-    fixed: Arc<redis::Script>,
+    sliding: Arc<LuaScript>,
+    gcra: Arc<LuaScript>,
+    fixed: Arc<LuaScript>,
+}
+
+/// A decision script: its source (for EVAL) and its SHA-1 (for EVALSHA).
+#[derive(Debug)]
+struct LuaScript {
+    body: &'static str,
+    hash: String,
+}
+
+impl LuaScript {
+    fn new(body: &'static str) -> Self {
+        Self {
+            body,
+            hash: redis::Script::new(body).get_hash().to_owned(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
+            .field(
+                "cluster",
+                &matches!(self.connection, Connection::Cluster(_)),
+            )
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
+/// The shortest bound on connecting at start (a short `REDIS_TIMEOUT` is for calls, not
+/// for TCP and TLS handshakes).
+const MIN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// The bound on the whole start-up connection (every seed node of a cluster).
+const MIN_STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest pause between reconnection attempts of a standalone connection: a Redis
+/// back from a restart is used within about this long.
+const MAX_RECONNECT_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl RedisStore {
-    /// Connects to `url` (`redis://` or `rediss://`); the connection reconnects by itself.
+    /// Connects to one server at `url` (`redis://` or `rediss://`); the connection
+    /// reconnects by itself.
     pub async fn connect(url: &str, timeout: std::time::Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(std::time::Duration::from_secs(1))));
-        let connection = tokio::time::timeout(
-            timeout.max(std::time::Duration::from_secs(5)),
-            redis::aio::ConnectionManager::new_with_config(client, config),
-        )
+        Self::connect_with(&RedisSettings {
+            urls: vec![url.to_owned()],
+            cluster: false,
+            tls_ca_file: None,
+            timeout,
+        })
         .await
-        .map_err(|_| StoreError::Timeout(timeout))??;
+    }
+
+    /// Connects as `settings` say: one server, or a cluster through its seed nodes.
+    pub async fn connect_with(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let timeout = settings.timeout;
+        let certificates = tls_certificates(settings)?;
+        let connecting = async {
+            if settings.cluster {
+                if settings.urls.is_empty() {
+                    return Err(StoreError::Settings("no cluster node given".to_owned()));
+                }
+                let mut builder = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
+                    .connection_timeout(timeout.max(MIN_CONNECT_TIMEOUT))
+                    .response_timeout(timeout);
+                if let Some(certificates) = certificates {
+                    builder = builder.certs(certificates);
+                }
+                let client = builder.build()?;
+                Ok(Connection::Cluster(client.get_async_connection().await?))
+            } else {
+                let [url] = settings.urls.as_slice() else {
+                    return Err(StoreError::Settings(
+                        "one URL without REDIS_CLUSTER (a comma-separated list names cluster nodes)"
+                            .to_owned(),
+                    ));
+                };
+                let client = match certificates {
+                    Some(certificates) => {
+                        redis::Client::build_with_tls(url.as_str(), certificates)?
+                    }
+                    None => redis::Client::open(url.as_str())?,
+                };
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout.max(MIN_CONNECT_TIMEOUT)))
+                    .set_max_delay(MAX_RECONNECT_DELAY);
+                Ok(Connection::Single(
+                    redis::aio::ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+        };
+        install_crypto_provider(settings);
+        let connection = tokio::time::timeout(timeout.max(MIN_STARTUP_TIMEOUT), connecting)
+            .await
+            .map_err(|_| StoreError::Timeout(timeout.max(MIN_STARTUP_TIMEOUT)))??;
         Ok(Self {
             connection,
             timeout,
-            sliding: Arc::new(redis::Script::new(include_str!("lua/sliding.lua"))),
-            gcra: Arc::new(redis::Script::new(include_str!("lua/gcra.lua"))),
-            fixed: Arc::new(redis::Script::new(include_str!("lua/fixed.lua"))),
+            sliding: Arc::new(LuaScript::new(include_str!("lua/sliding.lua"))),
+            gcra: Arc::new(LuaScript::new(include_str!("lua/gcra.lua"))),
+            fixed: Arc::new(LuaScript::new(include_str!("lua/fixed.lua"))),
         })
     }
 
@@ -130,7 +230,8 @@ impl RedisStore {
         )
     }
 
-    /// Decides `cost` units of `key` against `limit` (a cost of 0 peeks).
+    /// Decides `cost` units of `key` against `limit` (a cost of 0 peeks), within the
+    /// deadline whatever happens underneath (reconnects, redirections, NOSCRIPT).
     pub async fn decide(
         &self,
         key: &str,
@@ -142,17 +243,32 @@ impl RedisStore {
             crate::limiter::Algorithm::Gcra => &self.gcra,
             crate::limiter::Algorithm::FixedWindow => &self.fixed,
         };
-        let mut connection = self.connection.clone();
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(Self::redis_key(key, limit))
-            .arg(limit.limit)
-            .arg(u64::try_from(limit.window.as_micros()).unwrap_or(u64::MAX))
-            .arg(cost);
-        let reply: (i64, i64, i64, i64, i64) =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut connection))
-                .await
-                .map_err(|_| StoreError::Timeout(self.timeout))??;
+        let redis_key = Self::redis_key(key, limit);
+        let window = u64::try_from(limit.window.as_micros()).unwrap_or(u64::MAX);
+        let invoke = |command: &str, body: &str| {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(body)
+                .arg(1)
+                .arg(&redis_key)
+                .arg(limit.limit)
+                .arg(window)
+                .arg(cost);
+            cmd
+        };
+        let evalsha = invoke("EVALSHA", &script.hash);
+        let call = async {
+            match self.query(&evalsha).await {
+                Err(err)
+                    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.query(&invoke("EVAL", script.body)).await
+                }
+                other => other,
+            }
+        };
+        let reply: (i64, i64, i64, i64, i64) = tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))??;
         let (allowed, remaining, reset_after, retry_after, now) = reply;
         let micros =
             |us: i64| std::time::Duration::from_micros(u64::try_from(us.max(0)).unwrap_or(0));
@@ -164,6 +280,37 @@ impl RedisStore {
             retry_after: micros(retry_after),
             decided_at_micros: now,
         })
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match &self.connection {
+            Connection::Single(connection) => cmd.query_async(&mut connection.clone()).await,
+            Connection::Cluster(connection) => cmd.query_async(&mut connection.clone()).await,
+        }
+    }
+}
+
+/// The CA of `settings`, read once at start.
+fn tls_certificates(
+    settings: &RedisSettings,
+) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    let Some(path) = &settings.tls_ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|err| {
+        StoreError::Settings(format!("cannot read the CA file {}: {err}", path.display()))
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// rustls needs a process-wide crypto provider before its first `rediss://` handshake;
+/// ring is the one this workspace links (a provider someone installed first stays).
+fn install_crypto_provider(settings: &RedisSettings) {
+    if settings.urls.iter().any(|url| url.starts_with("rediss://")) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! `cargo xtask test` starts a throwaway PostgreSQL and Redis and tells the tests where
 //! they are through environment variables; every test then gets its own database
-//! ([`postgres::TestDatabase`]), its own Redis key space ([`redis::TestRedis`]), and
+//! ([`postgres::TestDatabase`]), its own Redis key space ([`redis::TestRedis`]) or its
+//! own Redis processes to freeze and kill ([`redis::PrivateRedis`],
+//! [`redis::RedisCluster`]), and
 //! services on port 0 — in-process through each crate's `run`, or as spawned binaries
 //! ([`process::SpawnedService`]) when a test must signal or kill a process.
 //!
@@ -24,6 +26,10 @@ use std::time::Duration;
 pub const ENV_PG_URL: &str = "PAYSUITE_TEST_PG_URL";
 /// `PAYSUITE_TEST_REDIS_URL`: the throwaway Redis.
 pub const ENV_REDIS_URL: &str = "PAYSUITE_TEST_REDIS_URL";
+/// `PAYSUITE_REDIS_SERVER`: the redis-server binary, for tests that run their own.
+pub const ENV_REDIS_SERVER: &str = "PAYSUITE_REDIS_SERVER";
+/// `PAYSUITE_REDIS_CLI`: the redis-cli binary (it creates test clusters).
+pub const ENV_REDIS_CLI: &str = "PAYSUITE_REDIS_CLI";
 /// `PAYSUITE_GRPCURL`: the grpcurl binary.
 pub const ENV_GRPCURL: &str = "PAYSUITE_GRPCURL";
 /// `PAYSUITE_BIN_DIR`: where the service binaries were built.

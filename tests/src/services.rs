@@ -127,6 +127,29 @@ pub async fn ratelimit_with(
     .await
 }
 
+/// ratelimit-svc with its configuration adjusted by `adjust`, and the counters it keeps
+/// (tests read them to prove which path a decision took).
+pub async fn ratelimit_counted(
+    adjust: impl FnOnce(&mut ratelimit_svc::Config) + Send + 'static,
+) -> anyhow::Result<(
+    RunningService,
+    std::sync::Arc<ratelimit_svc::guard::Counters>,
+)> {
+    let counters = std::sync::Arc::new(ratelimit_svc::guard::Counters::default());
+    let counted = std::sync::Arc::clone(&counters);
+    let service = RunningService::start(|listener, stopped| async move {
+        let mut config = ratelimit_svc::Config::new(
+            listener.local_addr()?,
+            crate::identity::config(ratelimit_svc::config::AUDIENCE),
+        );
+        adjust(&mut config);
+        ratelimit_svc::run_with_counters(listener, config, counted, on_signal(stopped)).await?;
+        Ok(())
+    })
+    .await?;
+    Ok((service, counters))
+}
+
 /// gateway-svc with default settings.
 pub async fn gateway() -> anyhow::Result<RunningService> {
     RunningService::start(|listener, stopped| async move {

