@@ -168,8 +168,10 @@ fn code(status: &DescriptorStatus) -> Option<Code> {
     Code::try_from(status.code).ok()
 }
 
-/// (code, requests_per_unit, unit, remaining) — what a caller reads.
-fn summary(status: &DescriptorStatus) -> (Option<Code>, Option<(u32, Option<Unit>)>, u32) {
+/// (code, (requests_per_unit, unit) of the limit, remaining) — what a caller reads.
+type Summary = (Option<Code>, Option<(u32, Option<Unit>)>, u32);
+
+fn summary(status: &DescriptorStatus) -> Summary {
     (
         code(status),
         status
@@ -876,6 +878,220 @@ async fn a_bad_rules_file_stops_the_spawned_service_with_one_line() -> anyhow::R
         )],
         "{}",
         finished.stdout
+    );
+    Ok(())
+}
+
+/// Where the `envoy-types` crate in Cargo.lock keeps Envoy's protos (README's grpcurl
+/// example imports them from there).
+fn envoy_protos() -> anyhow::Result<std::path::PathBuf> {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))?;
+    let version = lock
+        .split("[[package]]")
+        .find(|package| package.contains("name = \"envoy-types\""))
+        .and_then(|package| {
+            package
+                .lines()
+                .find_map(|line| line.strip_prefix("version = "))
+        })
+        .map(|version| version.trim_matches('"').to_owned())
+        .ok_or_else(|| anyhow::anyhow!("envoy-types is not in Cargo.lock"))?;
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .ok_or_else(|| anyhow::anyhow!("neither CARGO_HOME nor HOME is set"))?;
+    for registry in std::fs::read_dir(cargo_home.join("registry/src"))? {
+        let protos = registry?
+            .path()
+            .join(format!("envoy-types-{version}/proto"));
+        if protos.is_dir() {
+            return Ok(protos);
+        }
+    }
+    anyhow::bail!(
+        "no envoy-types-{version}/proto under {}",
+        cargo_home.display()
+    )
+}
+
+#[tokio::test]
+async fn grpcurl_calls_should_rate_limit_with_envoys_protos_as_the_readme_shows()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    write_config(dir.path(), "rl.yaml", RL_DOMAIN, "rl")?;
+    let envoy = Envoy::start(&dir.path().join("rl.yaml"), None).await?;
+    let addr = envoy.service.addr().to_string();
+    let protos = envoy_protos()?;
+    let import = |dir: &str| protos.join(dir).display().to_string();
+    let (api, xds, validate) = (
+        import("data-plane-api"),
+        import("xds"),
+        import("protoc-gen-validate"),
+    );
+    let request = r#"{"domain":"rl","descriptors":[{"entries":[{"key":"user","value":"demo"}]}]}"#;
+    let called = tests::grpcurl::grpcurl(&[
+        "-import-path",
+        &api,
+        "-import-path",
+        &xds,
+        "-import-path",
+        &validate,
+        "-proto",
+        "envoy/service/ratelimit/v3/rls.proto",
+        "-d",
+        request,
+        &addr,
+        "envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+    ])
+    .await?;
+    assert!(called.success, "{called:?}");
+    let answer: serde_json::Value = serde_json::from_str(&called.stdout)?;
+    assert_eq!(answer["overallCode"], "OK", "{answer}");
+    assert_eq!(
+        answer["statuses"][0]["currentLimit"]["requestsPerUnit"], 2,
+        "{answer}"
+    );
+    assert_eq!(answer["statuses"][0]["limitRemaining"], 1, "{answer}");
+    // Reflection does not list it (its descriptors are Envoy's, not ours).
+    let listed = tests::grpcurl::grpcurl(&[&addr, "list"]).await?;
+    assert!(
+        listed.success && listed.stdout.contains("paysuite.ratelimit.v1"),
+        "{listed:?}"
+    );
+    assert!(
+        !listed.stdout.contains("envoy.service"),
+        "{}",
+        listed.stdout
+    );
+    envoy.service.stop().await
+}
+
+/// A Redis of this test's own, so that freezing it (SIGSTOP) disturbs no other test.
+struct PrivateRedis {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    async fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let binary = ["redis-server", "/usr/bin/redis-server"]
+            .into_iter()
+            .find(|candidate| {
+                std::process::Command::new(candidate)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|output| output.status.success())
+            })
+            .ok_or_else(|| anyhow::anyhow!("no redis-server (cargo xtask test installs it)"))?;
+        let child = tokio::process::Command::new(binary)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = ::redis::Client::open(url.as_str())?;
+        tokio::time::timeout(tests::LIVENESS, async {
+            loop {
+                if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
+                    let pong: Result<String, _> =
+                        ::redis::cmd("PING").query_async(&mut connection).await;
+                    if pong.is_ok() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await?;
+        Ok(Self { child, url })
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("redis exited"))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn spawned_frozen_redis_answers_by_each_domains_failure_mode() -> anyhow::Result<()> {
+    use nix::sys::signal::Signal;
+    let redis = PrivateRedis::start().await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("modes.yaml");
+    let rule = "descriptors:\n  - key: user\n    rate_limit: {unit: day, requests_per_unit: 5}\n";
+    std::fs::write(
+        &config,
+        format!(
+            "domain: open\nfailure_mode: open\n{rule}---\ndomain: closed\nfailure_mode: closed\n{rule}---\ndomain: default\n{rule}"
+        ),
+    )?;
+    let mut service = tests::process::SpawnedService::start(
+        "ratelimit-svc",
+        &[
+            ("RATELIMIT_CONFIG", config.display().to_string()),
+            ("REDIS_URL", redis.url.clone()),
+            ("REDIS_TIMEOUT", "100ms".to_owned()),
+            // Domains without their own failure_mode take the service's.
+            ("FAILURE_MODE", "closed".to_owned()),
+        ],
+    )
+    .await?;
+    let channel = Channel::from_shared(service.endpoint())?.connect().await?;
+    let mut client = RateLimitServiceClient::new(channel);
+    let mut ask = async |domain: &str| -> anyhow::Result<DescriptorStatus> {
+        let response = tokio::time::timeout(
+            tests::LIVENESS,
+            client.should_rate_limit(RateLimitRequest {
+                domain: domain.to_owned(),
+                descriptors: vec![descriptor(&[("user", "a")])],
+                hits_addend: 0,
+            }),
+        )
+        .await??
+        .into_inner();
+        Ok(response.statuses.into_iter().next().unwrap_or_default())
+    };
+    for domain in ["open", "closed", "default"] {
+        assert_eq!(
+            summary(&ask(domain).await?),
+            (Some(Code::Ok), Some((5, Some(Unit::Day))), 4)
+        );
+    }
+    // A frozen Redis never answers: every call ends at REDIS_TIMEOUT (or the open
+    // breaker), and the domain's mode decides.
+    redis.signal(Signal::SIGSTOP)?;
+    let open = ask("open").await?;
+    let closed = ask("closed").await?;
+    let default = ask("default").await?;
+    redis.signal(Signal::SIGCONT)?;
+    assert_eq!(code(&open), Some(Code::Ok));
+    assert_eq!(code(&closed), Some(Code::OverLimit));
+    assert_eq!(code(&default), Some(Code::OverLimit));
+
+    // The counters logged at shutdown prove which path answered.
+    service.signal(Signal::SIGTERM)?;
+    assert!(service.wait(tests::LIVENESS).await?.success());
+    let counters = service
+        .stdout()
+        .snapshot()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|log| log["fields"]["message"] == "ratelimit-svc counters at shutdown")
+        .ok_or_else(|| anyhow::anyhow!("no counters logged:\n{}", service.stdout().joined()))?;
+    let fields = &counters["fields"];
+    assert_eq!(
+        (fields["fail_open"].as_u64(), fields["fail_closed"].as_u64()),
+        (Some(1), Some(2)),
+        "{fields}"
     );
     Ok(())
 }
