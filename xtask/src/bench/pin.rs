@@ -119,13 +119,21 @@ pub fn allowed_cpus(pid: u32) -> anyhow::Result<String> {
         .with_context(|| format!("{path} has no Cpus_allowed_list"))
 }
 
-/// Fails unless `pid` may run only on [`SUBJECT_CPU`].
+/// Fails unless `pid` may run only on [`SUBJECT_CPU`]. A process just started under
+/// `taskset` is pinned once taskset has set the mask and exec'd the program, so this
+/// waits a little for that.
 pub fn ensure_pinned(what: &str, pid: u32) -> anyhow::Result<()> {
-    let allowed = allowed_cpus(pid)?;
-    if allowed != SUBJECT_CPU.to_string() {
-        bail!("{what} (pid {pid}) may run on CPUs {allowed}, not only CPU {SUBJECT_CPU}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let allowed = allowed_cpus(pid)?;
+        if allowed == SUBJECT_CPU.to_string() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{what} (pid {pid}) may run on CPUs {allowed}, not only CPU {SUBJECT_CPU}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// The CPU time (user + system) `pids` have used so far, in seconds.

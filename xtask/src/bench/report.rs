@@ -239,6 +239,38 @@ impl ScenarioReport {
                 lags.join(", ")
             ));
         }
+        let unsaturated: Vec<&str> = self
+            .results
+            .runs
+            .iter()
+            .filter(|runs| {
+                let generator: Vec<f64> = runs
+                    .throughput
+                    .iter()
+                    .filter_map(|m| m.generator_cpu)
+                    .collect();
+                let subject: Vec<f64> = runs
+                    .throughput
+                    .iter()
+                    .filter_map(|m| m.subject_cpu)
+                    .collect();
+                !generator.is_empty()
+                    && !subject.is_empty()
+                    && median(generator) < SATURATED
+                    && median(subject) < SATURATED
+            })
+            .map(|runs| runs.name.as_str())
+            .collect();
+        if !unsaturated.is_empty() {
+            notes.push(format!(
+                "In the closed loop of {}, neither the generator nor the processes under test \
+                 used {:.0}% of their core: what limited the throughput was waiting for the \
+                 CPUs, i.e. other processes sharing them (see the machine condition). The \
+                 interleaved ratios are the figures to read, not the absolute rates.",
+                unsaturated.join(", "),
+                SATURATED * 100.0
+            ));
+        }
         for runs in &self.results.runs {
             let mut kinds: std::collections::BTreeMap<&str, u64> = Default::default();
             for measurement in runs.throughput.iter().chain(&runs.latency) {
@@ -367,6 +399,9 @@ pub struct ConditionSampler {
     thread: Option<std::thread::JoinHandle<()>>,
     note: Option<String>,
 }
+
+/// A process using this share of its core or more is taken as saturated.
+const SATURATED: f64 = 0.8;
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
