@@ -104,6 +104,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The bench's helper processes own nothing to tear down: they keep the default
+    // signal handling (the no-op server drains on SIGTERM by itself), so a stop signal
+    // ends them at once.
+    let cli = match cli.command {
+        Command::BenchLoad(args) => return exit_code(bench::load::main(&args)),
+        Command::BenchNoopServer { listen } => return exit_code(bench::noop::main(listen)),
+        command => Cli { command },
+    };
     let interrupted = Interrupted::install();
     let result = match cli.command {
         Command::Up => up::run(&interrupted),
@@ -115,10 +123,14 @@ fn main() -> ExitCode {
             ttl,
         } => identity::print_token(&principal, &scopes, &audience, &ttl),
         Command::Bench(args) => bench::run(&args, &interrupted),
-        Command::BenchLoad(args) => bench::load::main(&args),
-        Command::BenchNoopServer { listen } => bench::noop::main(listen),
+        // Ran above, before any signal handler was installed.
+        Command::BenchLoad(_) | Command::BenchNoopServer { .. } => Ok(()),
     };
     // Every guard has dropped by now: the servers are stopped and temp dirs removed.
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -65,7 +65,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     let interrupted = context.interrupted;
     let redis = Redis::provision(interrupted).context("starting Redis")?;
     let redis = RedisControl::new(redis)?;
-    redis.pin()?;
+    context.pinning.adopt(redis.pid)?;
     let script =
         std::fs::read_to_string(workspace_root().join("ratelimit-svc/src/lua/sliding.lua"))
             .context("reading ratelimit-svc/src/lua/sliding.lua")?;
@@ -75,29 +75,27 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     let public_keys = signing_key.public_key().to_string();
 
     let noop_address = format!("127.0.0.1:{}", ports::free_port()?);
-    let mut noop = PinnedProcess::start(
-        NOOP,
-        &context.xtask(),
-        &["bench-noop-server", "--listen", &noop_address],
-        &[],
-        context.run_dir.join("noop.log"),
-    )?;
+    let pinning = context.pinning;
+    let mut noop_command = pinning.command(pin::SUBJECT_CPU, &context.xtask());
+    noop_command.args(["bench-noop-server", "--listen", &noop_address]);
+    let mut noop = PinnedProcess::start(NOOP, noop_command, context.run_dir.join("noop.log"))?;
     let subject_address = format!("127.0.0.1:{}", ports::free_port()?);
+    let mut subject_command =
+        pinning.command(pin::SUBJECT_CPU, &context.release_dir.join("ratelimit-svc"));
+    subject_command.envs([
+        ("LISTEN_ADDR", subject_address.as_str()),
+        ("REDIS_URL", redis.url()),
+        ("IDENTITY_PUBLIC_KEYS", &public_keys),
+        ("RUST_LOG", "info"),
+    ]);
     let mut subject = PinnedProcess::start(
         SUBJECT,
-        &context.release_dir.join("ratelimit-svc"),
-        &[],
-        &[
-            ("LISTEN_ADDR", &subject_address),
-            ("REDIS_URL", redis.url()),
-            ("IDENTITY_PUBLIC_KEYS", &public_keys),
-            ("RUST_LOG", "info"),
-        ],
+        subject_command,
         context.run_dir.join("ratelimit-svc.log"),
     )?;
-    pin::ensure_pinned(NOOP, noop.pid())?;
-    pin::ensure_pinned(SUBJECT, subject.pid())?;
-    pin::ensure_pinned("redis-server", redis.pid)?;
+    pinning.ensure(NOOP, noop.pid())?;
+    pinning.ensure(SUBJECT, subject.pid())?;
+    pinning.ensure("redis-server", redis.pid)?;
 
     let load = |address: &str, expect: &str| LoadRun {
         workload: CHECK_WORKLOAD.to_owned(),
@@ -110,6 +108,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     let mut noop_target = GeneratorTarget {
         name: NOOP,
         xtask: context.xtask(),
+        pinning,
         load: load(&noop_address, "any"),
         before_run: None,
         signing_key: None,
@@ -119,6 +118,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     let mut subject_target = GeneratorTarget {
         name: SUBJECT,
         xtask: context.xtask(),
+        pinning,
         load: load(&subject_address, "store"),
         before_run: Some(&redis),
         signing_key: Some(signing_key),
@@ -127,6 +127,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     };
     let mut ceiling = CeilingTarget {
         redis: &redis,
+        pinning,
         sha: sha.clone(),
         benchmark: redis_benchmark()?,
         evalsha_calls: Vec::new(),
@@ -222,10 +223,10 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
                 WINDOW.as_micros()
             ),
             format!(
-                "Pinning: generators on CPU {}; the no-op service, ratelimit-svc and \
-                 redis-server on CPU {} (checked in /proc/<pid>/status).",
-                pin::GENERATOR_CPU,
-                pin::SUBJECT_CPU
+                "Under test on CPU {}: the no-op service, ratelimit-svc and redis-server; \
+                 on CPU {}: our generator and redis-benchmark.",
+                pin::SUBJECT_CPU,
+                pin::GENERATOR_CPU
             ),
         ],
         results,
@@ -242,6 +243,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
 struct GeneratorTarget<'a> {
     name: &'static str,
     xtask: PathBuf,
+    pinning: pin::Pinning,
     load: LoadRun,
     /// Redis to flush (and whose EVALSHA counter to read) around each run.
     before_run: Option<&'a RedisControl>,
@@ -276,6 +278,7 @@ impl GeneratorTarget<'_> {
         let (mut measurement, cpu) = pin::measure_cpu(&self.pids, || {
             load.run(
                 &self.xtask,
+                &self.pinning,
                 rate,
                 protocol.warmup,
                 protocol.duration,
@@ -316,6 +319,7 @@ impl Target for GeneratorTarget<'_> {
 /// redis-benchmark running the limiter's script: what Redis alone can do.
 struct CeilingTarget<'a> {
     redis: &'a RedisControl,
+    pinning: pin::Pinning,
     sha: String,
     benchmark: PathBuf,
     evalsha_calls: Vec<u64>,
@@ -324,10 +328,8 @@ struct CeilingTarget<'a> {
 impl CeilingTarget<'_> {
     /// One redis-benchmark run of `requests` calls; its CSV line parsed.
     fn bench(&self, requests: u64, concurrency: usize) -> anyhow::Result<Measurement> {
-        let mut command = Command::new("taskset");
+        let mut command = self.pinning.command(pin::GENERATOR_CPU, &self.benchmark);
         command
-            .args(["-c", &pin::GENERATOR_CPU.to_string()])
-            .arg(&self.benchmark)
             .args(["-h", &self.redis.host, "-p", &self.redis.port.to_string()])
             .args(["-c", &concurrency.to_string(), "-n", &requests.to_string()])
             .args(["-r", &KEY_SPACE.to_string(), "--csv"])
@@ -488,11 +490,6 @@ impl RedisControl {
             bail!("redis-cli {}: {text}", args[0]);
         }
         Ok(text)
-    }
-
-    /// Moves every Redis thread to the subject CPU.
-    fn pin(&self) -> anyhow::Result<()> {
-        pin::pin_running(self.pid)
     }
 
     /// An empty keyspace and zeroed command counters (scripts stay loaded).

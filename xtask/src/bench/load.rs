@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pin::GENERATOR_CPU;
+use super::pin::{GENERATOR_CPU, Pinning};
 
 /// How long one call may take before it counts as an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -400,15 +400,14 @@ impl LoadRun {
     pub fn run(
         &self,
         xtask_binary: &std::path::Path,
+        pinning: &Pinning,
         rate: Option<f64>,
         warmup: Duration,
         duration: Duration,
         interrupted: &crate::Interrupted,
     ) -> anyhow::Result<Measurement> {
-        let mut command = Command::new("taskset");
+        let mut command = pinning.command(GENERATOR_CPU, xtask_binary);
         command
-            .args(["-c", &GENERATOR_CPU.to_string()])
-            .arg(xtask_binary)
             .args(["bench-load", "--workload", &self.workload])
             .args(["--address", &self.address])
             .args(["--connections", &self.connections.to_string()])

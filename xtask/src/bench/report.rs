@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 
+use super::pin::Pinning;
 use super::protocol::{NOISY_SPREAD, Protocol, Results, Spread, median};
 use crate::workspace_root;
 
@@ -70,16 +71,24 @@ impl Check {
 pub struct RunContext {
     pub machine: Machine,
     pub protocol: Protocol,
+    pub pinning: Pinning,
     pub condition: Condition,
     pub finished_at: SystemTime,
 }
 
 impl ScenarioReport {
     /// Attaches the machine, protocol and the machine's condition during the run.
-    pub fn finish(&mut self, machine: &Machine, protocol: &Protocol, condition: Condition) {
+    pub fn finish(
+        &mut self,
+        machine: &Machine,
+        protocol: &Protocol,
+        pinning: Pinning,
+        condition: Condition,
+    ) {
         self.context = Some(RunContext {
             machine: machine.clone(),
             protocol: protocol.clone(),
+            pinning,
             condition,
             finished_at: SystemTime::now(),
         });
@@ -101,6 +110,7 @@ impl ScenarioReport {
                 machine.kernel
             );
             let _ = writeln!(out, "Protocol: {}.  ", context.protocol.describe());
+            let _ = writeln!(out, "Pinning: {}.  ", context.pinning.describe());
             let _ = writeln!(out, "Machine condition: {}.", context.condition.describe());
             if !context.protocol.is_design_protocol() {
                 let _ = writeln!(
