@@ -170,6 +170,17 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
             label: format!("{SUBJECT} / {NOOP}: open-loop p50 at the same rate"),
             spread: protocol::ratio(&subject_runs.latency, &noop_runs.latency, |m| m.p50_us),
         },
+        Ratio {
+            label: format!(
+                "{SUBJECT} (with Redis) / {NOOP}: CPU time per call under test, closed loop \
+                 (its inverse is the throughput ratio once both are CPU-bound)"
+            ),
+            spread: protocol::ratio(
+                &subject_runs.throughput,
+                &noop_runs.throughput,
+                cpu_per_call,
+            ),
+        },
     ];
     let subject_calls: u64 = subject_runs
         .throughput
@@ -237,6 +248,14 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     };
     Ok(report)
     // `subject`, `noop`, then Redis stop here (and on every early return).
+}
+
+/// Seconds of CPU under test per successful call (0 when unknown).
+fn cpu_per_call(measurement: &Measurement) -> f64 {
+    match measurement.subject_cpu {
+        Some(cpu) if measurement.throughput > 0.0 => cpu / measurement.throughput,
+        _ => 0.0,
+    }
 }
 
 /// A service driven by our generator.
