@@ -4,6 +4,7 @@
 //!   commands, and tear everything down on Ctrl-C.
 //! - `test`: the same provisioning, then every check CI runs (`.ci/run` calls this).
 //! - `token`: an identity token signed with the development key, for grpcurl.
+//! - `bench`: the DESIGN §9 measurements, written to BENCHMARKS.md.
 //!
 //! Modules:
 //! - [`tools`] finds or installs what the commands run (apt, pip, npm);
@@ -12,7 +13,8 @@
 //! - [`ports`] finds free ports and refuses busy ones;
 //! - [`process`] runs child processes: named steps, signal forwarding, bounded stops;
 //! - [`identity`] keeps the development keys `up` hands to the services;
-//! - [`up`] and [`test`] are the commands.
+//! - [`up`] and [`test`] are the commands; [`bench`] holds the benchmarks (one file per
+//!   scenario, shared load generation and reporting).
 //!
 //! Teardown rides on `Drop`: every server or service xtask starts is owned by a guard, and
 //! commands return errors instead of exiting, so guards run on success, on failure and after
@@ -20,6 +22,7 @@
 
 #![allow(clippy::print_stdout)]
 
+mod bench;
 mod identity;
 mod ports;
 mod postgres;
@@ -82,10 +85,33 @@ enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+    /// The DESIGN §9 benchmarks: release builds pinned to CPU 1, our load generator on
+    /// CPU 0, every figure a ratio against a baseline of the same run; prints a table and
+    /// writes BENCHMARKS.md (only with the default protocol unless --write).
+    ///
+    /// `cargo xtask bench limiter --duration 5s --warmup 1s --rounds 1` is a quick check.
+    Bench(bench::BenchArgs),
+    /// The load generator of `bench` (run by it, release build, pinned).
+    #[command(hide = true)]
+    BenchLoad(bench::load::LoadArgs),
+    /// The no-op tonic RateLimitService of the `limiter` bench (run by it, pinned).
+    #[command(hide = true)]
+    BenchNoopServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The bench's helper processes own nothing to tear down: they keep the default
+    // signal handling (the no-op server drains on SIGTERM by itself), so a stop signal
+    // ends them at once.
+    let cli = match cli.command {
+        Command::BenchLoad(args) => return exit_code(bench::load::main(&args)),
+        Command::BenchNoopServer { listen } => return exit_code(bench::noop::main(listen)),
+        command => Cli { command },
+    };
     let interrupted = Interrupted::install();
     let result = match cli.command {
         Command::Up => up::run(&interrupted),
@@ -96,8 +122,15 @@ fn main() -> ExitCode {
             audience,
             ttl,
         } => identity::print_token(&principal, &scopes, &audience, &ttl),
+        Command::Bench(args) => bench::run(&args, &interrupted),
+        // Ran above, before any signal handler was installed.
+        Command::BenchLoad(_) | Command::BenchNoopServer { .. } => Ok(()),
     };
     // Every guard has dropped by now: the servers are stopped and temp dirs removed.
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
