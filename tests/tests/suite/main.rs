@@ -6,6 +6,7 @@ mod acquirer;
 mod background;
 mod canary;
 mod database;
+mod gateway;
 mod identity;
 mod jobs;
 mod ledger;
