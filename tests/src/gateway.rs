@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use gateway_svc::config::Listener;
@@ -161,6 +162,8 @@ impl TestGateway {
             keys.pepper.clone(),
             signing_key()?,
         );
+        // Tests add keys while the gateway runs and wait for it to notice.
+        config.api_keys_reload_interval = Duration::from_millis(50);
         adjust(&mut config);
         let gateway = Gateway::new(config).await?;
         let stats = gateway.stats();
@@ -202,9 +205,42 @@ impl TestGateway {
         Ok(Channel::from_shared(self.endpoint())?.connect().await?)
     }
 
-    /// The API keys file.
+    /// The API keys file, edited without waiting for the gateway to notice (tests of the
+    /// reload itself).
     pub fn keys(&self) -> &KeysFile {
         &self.keys
+    }
+
+    /// Adds a key for `principal` and waits until the gateway has loaded it.
+    pub async fn add_key(
+        &self,
+        principal: &str,
+        scopes: &[&str],
+        tier: &str,
+    ) -> anyhow::Result<String> {
+        let before = self.stats.keys.reloads();
+        let key = self.keys.add(principal, scopes, tier)?;
+        self.wait_for_reload_after(before).await?;
+        Ok(key)
+    }
+
+    /// Removes `key` and waits until the gateway has dropped it.
+    pub async fn remove_key(&self, key: &str) -> anyhow::Result<()> {
+        let before = self.stats.keys.reloads();
+        self.keys.remove(key)?;
+        self.wait_for_reload_after(before).await
+    }
+
+    async fn wait_for_reload_after(&self, before: u64) -> anyhow::Result<()> {
+        let started = tokio::time::Instant::now();
+        while self.stats.keys.reloads() <= before {
+            anyhow::ensure!(
+                started.elapsed() < crate::LIVENESS,
+                "the gateway did not reload its keys"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
     }
 
     /// The gateway's counters.

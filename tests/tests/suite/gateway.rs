@@ -49,8 +49,10 @@ async fn grpcurl_through_the_gateway_lists_the_api_and_creates_and_reads_payment
     let payment = services::payment(&database).await?;
     let gateway = gateway_for(&payment).await?;
     let addr = gateway.addr().to_string();
-    let writer = gateway.keys().add("acme", &WRITE_SCOPES, "standard")?;
-    let reader = gateway.keys().add("acme", &["payments:read"], "standard")?;
+    let writer = gateway.add_key("acme", &WRITE_SCOPES, "standard").await?;
+    let reader = gateway
+        .add_key("acme", &["payments:read"], "standard")
+        .await?;
 
     // Reflection shows every paysuite service, without a key.
     let listed = grpcurl(&[&addr, "list"]).await?;
@@ -116,7 +118,7 @@ async fn grpcurl_through_the_gateway_lists_the_api_and_creates_and_reads_payment
         .await?,
     )?;
     assert_eq!(read["payment"]["id"], payment_id.as_str(), "{read}");
-    assert_eq!(read["payment"]["amount"]["amount_minor"], "2500", "{read}");
+    assert_eq!(read["payment"]["amount"]["amountMinor"], "2500", "{read}");
 
     // Response metadata passes through: the replay of a completed key says so.
     let replayed = grpcurl(&[
@@ -186,8 +188,10 @@ async fn a_forged_identity_header_is_ignored_and_the_key_decides_who_calls() -> 
     let database = TestDatabase::create().await?;
     let payment = services::payment(&database).await?;
     let gateway = gateway_for(&payment).await?;
-    let alice_key = gateway.keys().add("alice", &WRITE_SCOPES, "standard")?;
-    let mallory_key = gateway.keys().add("mallory", &WRITE_SCOPES, "standard")?;
+    let alice_key = gateway.add_key("alice", &WRITE_SCOPES, "standard").await?;
+    let mallory_key = gateway
+        .add_key("mallory", &WRITE_SCOPES, "standard")
+        .await?;
     let mut client = PaymentServiceClient::new(gateway.channel().await?);
     let account_request = |key: &str| pb::CreateAccountRequest {
         idempotency_key: key.to_owned(),
@@ -358,7 +362,9 @@ async fn watch_balance_through_the_gateway_delivers_live_updates() -> anyhow::Re
     let database = TestDatabase::create().await?;
     let payment = services::payment(&database).await?;
     let gateway = gateway_for(&payment).await?;
-    let key = gateway.keys().add("streamer", &WRITE_SCOPES, "standard")?;
+    let key = gateway
+        .add_key("streamer", &WRITE_SCOPES, "standard")
+        .await?;
     let mut client = PaymentServiceClient::new(gateway.channel().await?);
     let merchant = client
         .create_account(with_key(
@@ -492,7 +498,7 @@ async fn upstream_errors_arrive_intact_including_trailers_only_responses() -> an
     let database = TestDatabase::create().await?;
     let payment = services::payment(&database).await?;
     let gateway = gateway_for(&payment).await?;
-    let key = gateway.keys().add("acme", &WRITE_SCOPES, "standard")?;
+    let key = gateway.add_key("acme", &WRITE_SCOPES, "standard").await?;
 
     // Bad input: INVALID_ARGUMENT with a BadRequest naming the fields, through tonic.
     let bad = pb::CreateAccountRequest {
@@ -571,11 +577,13 @@ async fn upstream_errors_arrive_intact_including_trailers_only_responses() -> an
 #[tokio::test]
 async fn unknown_and_unrouted_paths_answer_unimplemented_over_http_200() -> anyhow::Result<()> {
     let gateway = TestGateway::start(GatewayOptions::default()).await?;
-    let key = gateway.keys().add(
-        "acme",
-        &["payments:read", "payments:write", "admin"],
-        "standard",
-    )?;
+    let key = gateway
+        .add_key(
+            "acme",
+            &["payments:read", "payments:write", "admin"],
+            "standard",
+        )
+        .await?;
     for path in [
         "/paysuite.nope.v1.Nope/Nothing",
         "/paysuite.payments.v1.PaymentService/NoSuchMethod",
@@ -613,7 +621,7 @@ async fn an_oversize_message_is_refused_from_its_prefix_without_the_rest() -> an
         |config| config.limits.max_message_bytes = 1024,
     )
     .await?;
-    let key = gateway.keys().add("acme", &WRITE_SCOPES, "standard")?;
+    let key = gateway.add_key("acme", &WRITE_SCOPES, "standard").await?;
 
     // Only the prefix of a 1 MiB message, and the stream left open: the gateway cannot
     // be waiting for the message to answer.
@@ -648,7 +656,8 @@ async fn an_oversize_message_is_refused_from_its_prefix_without_the_rest() -> an
                 idempotency_key: "k".repeat(200),
                 currency: "BRL".to_owned(),
                 kind: pb::AccountKind::Merchant as i32,
-                display_name: "x".repeat(600),
+                display_name: "x".repeat(480),
+                labels: [("note".to_owned(), "y".repeat(250))].into(),
                 ..Default::default()
             },
             &key,
@@ -673,7 +682,7 @@ async fn grpcurl_over_tls_with_a_dev_certificate() -> anyhow::Result<()> {
         .tls_ca()
         .ok_or_else(|| anyhow::anyhow!("no CA"))?
         .to_owned();
-    let key = gateway.keys().add("acme", &WRITE_SCOPES, "standard")?;
+    let key = gateway.add_key("acme", &WRITE_SCOPES, "standard").await?;
     for host in ["127.0.0.1", "localhost"] {
         let addr = format!("{host}:{}", gateway.addr().port());
         let listed = grpcurl_tls(&ca, &[&addr, "list"]).await?;
@@ -702,4 +711,126 @@ async fn grpcurl_over_tls_with_a_dev_certificate() -> anyhow::Result<()> {
     assert!(!plaintext.success, "{plaintext:?}");
     gateway.stop().await?;
     payment.stop().await
+}
+
+#[tokio::test]
+async fn spawned_frozen_upstream_unary_calls_end_at_the_default_or_capped_deadline_streams_live_on()
+-> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use nix::sys::signal::Signal;
+    use tests::process::SpawnedService;
+
+    const DEFAULT: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(4);
+    let database = TestDatabase::create().await?;
+    let payment = SpawnedService::start(
+        "payment-svc",
+        &[
+            ("DATABASE_URL", database.service_url()),
+            ("DATABASE_MIGRATION_URL", database.owner_url()),
+        ],
+    )
+    .await?;
+    let gateway = TestGateway::start_with(
+        GatewayOptions {
+            payment: payment.endpoint(),
+            ..Default::default()
+        },
+        |config| {
+            config.deadlines = gateway_svc::config::Deadlines {
+                default: DEFAULT,
+                max: MAX,
+            }
+        },
+    )
+    .await?;
+    let key = gateway.add_key("acme", &WRITE_SCOPES, "standard").await?;
+    let stats = gateway.stats().deadlines.clone();
+    let mut client = PaymentServiceClient::new(gateway.channel().await?);
+    let merchant = client
+        .create_account(with_key(
+            pb::CreateAccountRequest {
+                idempotency_key: "m-1".to_owned(),
+                currency: "BRL".to_owned(),
+                kind: pb::AccountKind::Merchant as i32,
+                ..Default::default()
+            },
+            &key,
+        )?)
+        .await?
+        .into_inner()
+        .account
+        .unwrap_or_default()
+        .id;
+    assert_eq!(
+        stats.defaulted.load(Relaxed),
+        1,
+        "CreateAccount got the default"
+    );
+
+    // A stream outlives the unary deadlines: still open and delivering after them.
+    let mut stream = client
+        .watch_balance(with_key(
+            pb::WatchBalanceRequest {
+                account_id: merchant.clone(),
+            },
+            &key,
+        )?)
+        .await?
+        .into_inner();
+    tokio::time::timeout(tests::LIVENESS, stream.next())
+        .await?
+        .transpose()?;
+    tokio::time::sleep(MAX + DEFAULT / 2).await;
+    let mut pay = with_key(
+        payment_request("p-1", &merchant, 700, cards::CARD_APPROVED),
+        &key,
+    )?;
+    pay.set_timeout(Duration::from_secs(3600));
+    client.create_payment(pay).await?;
+    assert_eq!(
+        stats.capped.load(Relaxed),
+        1,
+        "the hour was cut to the maximum"
+    );
+    let update = tokio::time::timeout(tests::LIVENESS, stream.next())
+        .await?
+        .transpose()?;
+    assert_eq!(
+        update
+            .and_then(|m| m.balance)
+            .and_then(|b| b.balance)
+            .map(|m| m.amount_minor),
+        Some(700)
+    );
+    assert_eq!(stats.exceeded.load(Relaxed), 0);
+
+    // payment-svc frozen: a unary call without a deadline ends at the default, one asking
+    // for an hour at the maximum — each well within the liveness bound, and counted.
+    payment.signal(Signal::SIGSTOP)?;
+    let balance = || pb::GetBalanceRequest {
+        account_id: merchant.clone(),
+    };
+    let started = tokio::time::Instant::now();
+    let defaulted = client
+        .get_balance(with_key(balance(), &key)?)
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(defaulted, Some(Code::DeadlineExceeded));
+    assert!(started.elapsed() >= DEFAULT && started.elapsed() < tests::LIVENESS);
+    assert_eq!(stats.exceeded.load(Relaxed), 1);
+    let mut long = with_key(balance(), &key)?;
+    long.set_timeout(Duration::from_secs(3600));
+    let started = tokio::time::Instant::now();
+    let capped = client.get_balance(long).await.err().map(|s| s.code());
+    assert_eq!(capped, Some(Code::DeadlineExceeded));
+    assert!(started.elapsed() >= MAX && started.elapsed() < tests::LIVENESS);
+    assert_eq!(stats.capped.load(Relaxed), 2);
+    assert_eq!(stats.exceeded.load(Relaxed), 2);
+
+    payment.signal(Signal::SIGCONT)?;
+    drop(stream);
+    gateway.stop().await
 }
