@@ -1,14 +1,84 @@
 //! gateway-svc's settings, read once from the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use service_kit::identity::SigningKey;
 use service_kit::{ConfigError, Env, ServerLimits};
+
+use crate::keys::Pepper;
+use crate::routes::RouteTable;
 
 /// `LISTEN_ADDR`: the gRPC listen address.
 pub const ENV_LISTEN_ADDR: &str = "LISTEN_ADDR";
+/// `TLS_CERT_FILE`: the listener's certificate chain (PEM).
+pub const ENV_TLS_CERT_FILE: &str = "TLS_CERT_FILE";
+/// `TLS_KEY_FILE`: the listener's private key (PEM).
+pub const ENV_TLS_KEY_FILE: &str = "TLS_KEY_FILE";
+/// `TLS_PLAINTEXT`: `true` serves without TLS (local development only).
+pub const ENV_TLS_PLAINTEXT: &str = "TLS_PLAINTEXT";
+/// `ROUTES_FILE`: a YAML routes file; replaces the two `*_SVC_ADDR` clusters.
+pub const ENV_ROUTES_FILE: &str = "ROUTES_FILE";
+/// `PAYMENT_SVC_ADDR`: payment-svc endpoints, comma-separated `http://host:port`.
+pub const ENV_PAYMENT_SVC_ADDR: &str = "PAYMENT_SVC_ADDR";
+/// `RATELIMIT_SVC_ADDR`: ratelimit-svc endpoints, comma-separated `http://host:port`.
+pub const ENV_RATELIMIT_SVC_ADDR: &str = "RATELIMIT_SVC_ADDR";
+/// `API_KEYS_FILE`: the YAML file of API key hashes.
+pub const ENV_API_KEYS_FILE: &str = "API_KEYS_FILE";
+/// `API_KEY_PEPPER`: the secret the key hashes are keyed with (≥ 32 bytes).
+pub const ENV_API_KEY_PEPPER: &str = "API_KEY_PEPPER";
+/// `API_KEYS_RELOAD_INTERVAL`: how often the keys file is re-read.
+pub const ENV_API_KEYS_RELOAD_INTERVAL: &str = "API_KEYS_RELOAD_INTERVAL";
+/// `IDENTITY_SIGNING_KEY`: the Ed25519 key identity tokens are minted with (`kid:base64url`).
+pub const ENV_IDENTITY_SIGNING_KEY: &str = "IDENTITY_SIGNING_KEY";
+/// `IDENTITY_SIGNING_KEY_FILE`: a file holding that key (read when the variable is unset).
+pub const ENV_IDENTITY_SIGNING_KEY_FILE: &str = "IDENTITY_SIGNING_KEY_FILE";
+/// `DEADLINE_DEFAULT`: the deadline of unary calls whose caller set none.
+pub const ENV_DEADLINE_DEFAULT: &str = "DEADLINE_DEFAULT";
+/// `DEADLINE_MAX`: the longest deadline a unary call gets, whatever its caller asked.
+pub const ENV_DEADLINE_MAX: &str = "DEADLINE_MAX";
+/// `UPSTREAM_CONNECT_TIMEOUT`: how long connecting to an upstream endpoint may take.
+pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
 
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
+/// payment-svc when `PAYMENT_SVC_ADDR` is unset (`cargo xtask up`'s port).
+pub const DEFAULT_PAYMENT_SVC_ADDR: &str = "http://127.0.0.1:50052";
+/// ratelimit-svc when `RATELIMIT_SVC_ADDR` is unset.
+pub const DEFAULT_RATELIMIT_SVC_ADDR: &str = "http://127.0.0.1:50053";
+/// Default of `API_KEYS_RELOAD_INTERVAL`.
+pub const DEFAULT_API_KEYS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Default of `DEADLINE_DEFAULT`.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+/// Default of `DEADLINE_MAX`.
+pub const DEFAULT_DEADLINE_MAX: Duration = Duration::from_secs(60);
+/// Default of `UPSTREAM_CONNECT_TIMEOUT`.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the listener speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listener {
+    /// TLS with this certificate chain and key (PEM files, e.g. a mounted Secret).
+    Tls {
+        /// The certificate chain.
+        cert_file: PathBuf,
+        /// The private key.
+        key_file: PathBuf,
+    },
+    /// No TLS: only for local development (`TLS_PLAINTEXT=true`).
+    Plaintext,
+}
+
+/// Deadlines of unary calls (streams are long-lived by design and exempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// When the caller sets none.
+    pub default: Duration,
+    /// The most any call gets.
+    pub max: Duration,
+}
 
 /// Everything gateway-svc needs to run.
 #[derive(Debug, Clone)]
@@ -17,6 +87,22 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Server hardening.
     pub limits: ServerLimits,
+    /// TLS or plaintext.
+    pub listener: Listener,
+    /// The upstream clusters.
+    pub routes: RouteTable,
+    /// The API keys file.
+    pub api_keys_file: PathBuf,
+    /// The secret the key hashes are keyed with.
+    pub api_key_pepper: Pepper,
+    /// How often the keys file is re-read.
+    pub api_keys_reload_interval: Duration,
+    /// The key identity tokens are minted with.
+    pub signing_key: Arc<SigningKey>,
+    /// Unary deadlines.
+    pub deadlines: Deadlines,
+    /// How long connecting to an upstream endpoint may take.
+    pub upstream_connect_timeout: Duration,
 }
 
 impl Config {
@@ -25,17 +111,136 @@ impl Config {
         let default_addr: SocketAddr = DEFAULT_LISTEN_ADDR
             .parse()
             .map_err(|err| ConfigError::new(ENV_LISTEN_ADDR, err))?;
+        let pepper = env.required_secret(ENV_API_KEY_PEPPER)?;
+        let deadlines = Deadlines {
+            default: env.duration_or(ENV_DEADLINE_DEFAULT, DEFAULT_DEADLINE)?,
+            max: env.duration_or(ENV_DEADLINE_MAX, DEFAULT_DEADLINE_MAX)?,
+        };
+        if deadlines.default.is_zero() || deadlines.default > deadlines.max {
+            return Err(ConfigError::new(
+                ENV_DEADLINE_DEFAULT,
+                format!("must be positive and at most {ENV_DEADLINE_MAX}"),
+            ));
+        }
         Ok(Self {
             listen_addr: env.parse_or(ENV_LISTEN_ADDR, default_addr)?,
             limits: ServerLimits::from_env(env)?,
+            listener: listener_from_env(env)?,
+            routes: routes_from_env(env)?,
+            api_keys_file: env.required(ENV_API_KEYS_FILE)?,
+            api_key_pepper: Pepper::new(pepper)
+                .map_err(|err| ConfigError::new(ENV_API_KEY_PEPPER, err))?,
+            api_keys_reload_interval: env.duration_or(
+                ENV_API_KEYS_RELOAD_INTERVAL,
+                DEFAULT_API_KEYS_RELOAD_INTERVAL,
+            )?,
+            signing_key: Arc::new(signing_key_from_env(env)?),
+            deadlines,
+            upstream_connect_timeout: env.duration_or(
+                ENV_UPSTREAM_CONNECT_TIMEOUT,
+                DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            )?,
         })
     }
 
-    /// The defaults, listening on `listen_addr` (tests build configs this way).
-    pub fn with_listen_addr(listen_addr: SocketAddr) -> Self {
+    /// The defaults around what a test must choose (tests build configs this way).
+    pub fn new(
+        listen_addr: SocketAddr,
+        listener: Listener,
+        routes: RouteTable,
+        api_keys_file: PathBuf,
+        api_key_pepper: Pepper,
+        signing_key: Arc<SigningKey>,
+    ) -> Self {
         Self {
             listen_addr,
             limits: ServerLimits::default(),
+            listener,
+            routes,
+            api_keys_file,
+            api_key_pepper,
+            api_keys_reload_interval: DEFAULT_API_KEYS_RELOAD_INTERVAL,
+            signing_key,
+            deadlines: Deadlines {
+                default: DEFAULT_DEADLINE,
+                max: DEFAULT_DEADLINE_MAX,
+            },
+            upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
         }
     }
+}
+
+fn listener_from_env(env: &Env) -> Result<Listener, ConfigError> {
+    let plaintext = env.bool_or(ENV_TLS_PLAINTEXT, false)?;
+    let cert_file: Option<PathBuf> = env.optional(ENV_TLS_CERT_FILE)?;
+    let key_file: Option<PathBuf> = env.optional(ENV_TLS_KEY_FILE)?;
+    match (plaintext, cert_file, key_file) {
+        (true, None, None) => Ok(Listener::Plaintext),
+        (true, _, _) => Err(ConfigError::new(
+            ENV_TLS_PLAINTEXT,
+            format!("set either {ENV_TLS_PLAINTEXT}=true or the TLS files, not both"),
+        )),
+        (false, Some(cert_file), Some(key_file)) => Ok(Listener::Tls {
+            cert_file,
+            key_file,
+        }),
+        (false, None, _) => Err(ConfigError::new(
+            ENV_TLS_CERT_FILE,
+            format!("is required (or {ENV_TLS_PLAINTEXT}=true for local development)"),
+        )),
+        (false, Some(_), None) => Err(ConfigError::new(ENV_TLS_KEY_FILE, "is required")),
+    }
+}
+
+fn routes_from_env(env: &Env) -> Result<RouteTable, ConfigError> {
+    if let Some(path) = env.optional::<PathBuf>(ENV_ROUTES_FILE)? {
+        let text = std::fs::read_to_string(&path).map_err(|err| {
+            ConfigError::new(
+                ENV_ROUTES_FILE,
+                format!("cannot read {}: {err}", path.display()),
+            )
+        })?;
+        return RouteTable::from_yaml(&text).map_err(|err| {
+            ConfigError::new(ENV_ROUTES_FILE, format!("{}: {err}", path.display()))
+        });
+    }
+    let payment = env
+        .raw(ENV_PAYMENT_SVC_ADDR)
+        .unwrap_or(DEFAULT_PAYMENT_SVC_ADDR);
+    let ratelimit = env
+        .raw(ENV_RATELIMIT_SVC_ADDR)
+        .unwrap_or(DEFAULT_RATELIMIT_SVC_ADDR);
+    RouteTable::standard(payment, ratelimit).map_err(|err| {
+        // Name the variable the bad endpoint came from.
+        let variable = if err.starts_with(&format!("cluster {}:", crate::routes::RATELIMIT)) {
+            ENV_RATELIMIT_SVC_ADDR
+        } else {
+            ENV_PAYMENT_SVC_ADDR
+        };
+        ConfigError::new(variable, err)
+    })
+}
+
+fn signing_key_from_env(env: &Env) -> Result<SigningKey, ConfigError> {
+    let (variable, text) = match env.secret(ENV_IDENTITY_SIGNING_KEY) {
+        Some(text) => (ENV_IDENTITY_SIGNING_KEY, text),
+        None => {
+            let path: PathBuf = env
+                .optional(ENV_IDENTITY_SIGNING_KEY_FILE)?
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        ENV_IDENTITY_SIGNING_KEY,
+                        format!("is required (or {ENV_IDENTITY_SIGNING_KEY_FILE})"),
+                    )
+                })?;
+            let text = std::fs::read_to_string(&path).map_err(|err| {
+                ConfigError::new(
+                    ENV_IDENTITY_SIGNING_KEY_FILE,
+                    format!("cannot read {}: {err}", path.display()),
+                )
+            })?;
+            (ENV_IDENTITY_SIGNING_KEY_FILE, text.trim().to_owned().into())
+        }
+    };
+    SigningKey::parse(&text).map_err(|err| ConfigError::new(variable, err))
 }

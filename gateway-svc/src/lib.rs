@@ -1,30 +1,239 @@
-//! gateway-svc: the suite's front door. It authenticates callers, rate-limits them, and
-//! proxies their calls to payment-svc and ratelimit-svc behind circuit breakers.
+//! gateway-svc: the suite's front door. It authenticates callers by API key and proxies
+//! their calls, untouched, to payment-svc and ratelimit-svc with an identity token the
+//! upstreams trust.
 //!
 //! - [`config`]: settings from the environment.
+//! - [`routes`]: which upstream cluster answers which paysuite service.
+//! - [`keys`]: API keys — HMAC-SHA256 hashes with a pepper, in a file reloaded on change.
+//! - [`auth`]: API key → caller → scope check → minted identity; client `x-paysuite-*`
+//!   headers stripped.
+//! - [`deadline`]: unary deadlines (default, cap, remaining budget forwarded).
+//! - [`proxy`]: an upstream endpoint as a tower service (hyper's HTTP/2 client, bodies
+//!   passed through frame by frame), and a cluster of them.
+//! - [`tls`]: the listener's rustls configuration from PEM files.
 //! - `grpc`: the admin API (`paysuite.gateway.v1`) — the only module that sees protobuf types.
 //!
+//! The stack every proxied call passes through, top-down (after service-kit's server
+//! stack: load shedding, the caller's `grpc-timeout`, the message size limit):
+//! 1. strip client-sent `x-paysuite-*` headers;
+//! 2. route by `/package.Service/` to a cluster (unknown → UNIMPLEMENTED);
+//! 3. authenticate the API key and check the RPC's `required_scope`;
+//! 4. mint the identity token for the cluster's audience;
+//! 5. fix the unary deadline;
+//! 6. the cluster's endpoints (round-robin; breakers and p2c slot in here).
+//!
 //! Reflection lists every paysuite service, so `grpcurl gateway:50051 list` shows the
-//! whole API. [`run`] is the whole service behind a listener; `main` only reads config,
-//! sets up telemetry and binds.
+//! whole API; health and reflection need no key. [`run`] is the whole service behind a
+//! listener; `main` only reads config, sets up telemetry and binds.
 
+pub mod auth;
 pub mod config;
+pub mod deadline;
 mod grpc;
+pub mod keys;
+pub mod proxy;
+pub mod routes;
+pub mod tls;
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use http::{Request, Response};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tower::{ServiceBuilder, ServiceExt as _};
+use tower_service::Service;
 
 pub use config::Config;
 
-/// Serves gRPC on `listener` until `shutdown` completes.
-pub async fn run<F>(
-    listener: TcpListener,
+use crate::auth::{AuthenticateLayer, MintIdentityLayer};
+use crate::config::Listener;
+use crate::deadline::{DeadlineLayer, DeadlineStats};
+use crate::keys::{KeyStore, KeysError};
+use crate::proxy::{Cluster, ConnectSettings, Endpoint, GrpcFuture, GrpcService, status_response};
+use crate::tls::TlsError;
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API keys file or pepper cannot be used.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    /// The TLS files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// An upstream endpoint cannot be addressed.
+    #[error("upstream endpoint {0} cannot be used")]
+    Endpoint(String),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] service_kit::ServeError),
+}
+
+/// Handles on what the gateway counts (for metrics, and tests proving which path ran).
+#[derive(Debug, Clone)]
+pub struct GatewayStats {
+    /// The API keys in force (reload counters).
+    pub keys: KeyStore,
+    /// What the deadline layer did.
+    pub deadlines: Arc<DeadlineStats>,
+    /// What the server's limits did.
+    pub server: Arc<service_kit::ServerStats>,
+}
+
+/// The gateway, built and ready to serve.
+#[derive(Debug)]
+pub struct Gateway {
+    services: service_kit::ServiceSet,
+    stats: GatewayStats,
     config: Config,
-    shutdown: F,
-) -> Result<(), service_kit::ServeError>
+}
+
+impl Gateway {
+    /// Loads the API keys and TLS files and builds the proxy stack.
+    pub async fn new(config: Config) -> Result<Self, Error> {
+        let keys = KeyStore::load(&config.api_keys_file, config.api_key_pepper.clone()).await?;
+        let deadline_stats = Arc::new(DeadlineStats::default());
+        let connect = ConnectSettings {
+            connect_timeout: config.upstream_connect_timeout,
+            keepalive_interval: config.limits.keepalive_interval,
+            keepalive_timeout: config.limits.keepalive_timeout,
+        };
+        let mut routes: HashMap<String, GrpcService> = HashMap::new();
+        for cluster in config.routes.clusters() {
+            let endpoints = cluster
+                .endpoints
+                .iter()
+                .map(|uri| {
+                    Endpoint::new(uri, connect).ok_or_else(|| Error::Endpoint(uri.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let stack = ServiceBuilder::new()
+                // Who is calling: the API key's caller, holding the RPC's scope.
+                .layer(AuthenticateLayer::new(keys.clone()))
+                // What the upstream trusts: an identity token for its audience.
+                .layer(MintIdentityLayer::new(
+                    Arc::clone(&config.signing_key),
+                    &cluster.audience,
+                ))
+                // Unary calls get a bounded deadline; the rest of it travels upstream.
+                .layer(DeadlineLayer::new(
+                    config.deadlines,
+                    Arc::clone(&deadline_stats),
+                ))
+                // The endpoints (round-robin until breakers and p2c take this place).
+                .service(Cluster::new(endpoints));
+            let stack = GrpcService::new(stack);
+            for service in &cluster.services {
+                routes.insert(service.clone(), stack.clone());
+            }
+            tracing::info!(
+                cluster = %cluster.name,
+                endpoints = ?cluster.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                services = ?cluster.services,
+                "upstream cluster"
+            );
+        }
+        // The admin API is answered here, behind the same authentication.
+        routes.insert(
+            grpc::ADMIN_SERVICE.to_owned(),
+            GrpcService::new(
+                ServiceBuilder::new()
+                    .layer(AuthenticateLayer::new(keys.clone()))
+                    .service(grpc::admin_service()),
+            ),
+        );
+        let mut served: Vec<String> = routes.keys().cloned().collect();
+        served.sort();
+        let router = Router {
+            routes: Arc::new(routes),
+        };
+        let mut services = grpc::services(GrpcService::new(router), served);
+        if let Listener::Tls {
+            cert_file,
+            key_file,
+        } = &config.listener
+        {
+            services = services.tls(tls::server_config(cert_file, key_file)?);
+        }
+        let stats = GatewayStats {
+            keys,
+            deadlines: deadline_stats,
+            server: services.stats(),
+        };
+        Ok(Self {
+            services,
+            stats,
+            config,
+        })
+    }
+
+    /// Handles on the gateway's counters.
+    pub fn stats(&self) -> GatewayStats {
+        self.stats.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, reloading the API keys meanwhile.
+    pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), Error>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let stop = CancellationToken::new();
+        let keys = self.stats.keys.clone();
+        let interval = self.config.api_keys_reload_interval;
+        let watcher = {
+            let stop = stop.clone();
+            tokio::spawn(async move { keys.watch(interval, stop.cancelled_owned()).await })
+        };
+        let served =
+            service_kit::serve(listener, self.services, &self.config.limits, shutdown).await;
+        stop.cancel();
+        let _ = watcher.await;
+        Ok(served?)
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes.
+pub async fn run<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), Error>
 where
     F: Future<Output = ()> + Send,
 {
-    service_kit::serve(listener, grpc::services(), &config.limits, shutdown).await
+    Gateway::new(config).await?.serve(listener, shutdown).await
+}
+
+/// The top of the stack: strips client-sent internal headers and routes by service.
+#[derive(Clone)]
+struct Router {
+    routes: Arc<HashMap<String, GrpcService>>,
+}
+
+impl Service<Request<tonic::body::Body>> for Router {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = GrpcFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
+        auth::strip_internal_headers(request.headers_mut());
+        let path = request.uri().path();
+        let service = path
+            .strip_prefix('/')
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(service, _)| service)
+            .unwrap_or_default();
+        match self.routes.get(service) {
+            // `oneshot` waits for readiness: breakers will gate there.
+            Some(route) => Box::pin(route.clone().oneshot(request)),
+            None => Box::pin(std::future::ready(Ok(status_response(
+                &Status::unimplemented(format!("unknown method {path}")),
+            )))),
+        }
+    }
 }

@@ -15,7 +15,11 @@
 //!    UNAVAILABLE at once (clients retry elsewhere) instead of queueing; streams are exempt;
 //! 4. the caller's `grpc-timeout` — the handler is abandoned when the deadline passes;
 //! 5. the message size limit — oversize messages are refused from their length prefix;
-//! 6. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED).
+//! 6. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED), or
+//!    the set's fallback for every service not served here (the gateway's proxy).
+//!
+//! With [`ServiceSet::tls`] each connection first completes a TLS handshake (ALPN `h2`)
+//! within the handshake timeout; the limits then apply to the decrypted stream.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -37,10 +41,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
+use tower::util::BoxCloneSyncService;
 use tower_service::Service;
 
 use crate::health::Health;
@@ -52,14 +58,22 @@ use crate::message_size::MessageSizeLimit;
 /// within the handshake timeout is dropped.
 const HTTP2_PREFACE_LEN: u64 = 24;
 
+/// A service answering every call whose service this server does not serve itself.
+pub type FallbackService =
+    BoxCloneSyncService<Request<tonic::body::Body>, GrpcResponse, Infallible>;
+
 /// The services one server exposes, plus the health and reflection services added to all.
 pub struct ServiceSet {
     server_name: &'static str,
     routes: RoutesBuilder,
+    /// Services answered by `routes`; anything else goes to `fallback` when there is one.
+    served: BTreeSet<String>,
     reflected: BTreeSet<String>,
     health: Health,
     stats: Arc<ServerStats>,
     verifier: Option<Arc<Verifier>>,
+    fallback: Option<FallbackService>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl std::fmt::Debug for ServiceSet {
@@ -82,10 +96,20 @@ impl ServiceSet {
         Self {
             server_name,
             routes,
+            served: [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
             reflected: BTreeSet::new(),
             health: Health::new(reporter),
             stats: Arc::default(),
             verifier: None,
+            fallback: None,
+            tls: None,
         }
     }
 
@@ -101,6 +125,7 @@ impl ServiceSet {
         S::Future: Send + 'static,
     {
         self.health.track(S::NAME);
+        self.served.insert(S::NAME.to_owned());
         self.reflected.insert(S::NAME.to_owned());
         self.routes.add_service(service);
         self
@@ -119,6 +144,7 @@ impl ServiceSet {
         S::Future: Send + 'static,
     {
         self.health.track(S::NAME);
+        self.served.insert(S::NAME.to_owned());
         self.routes.add_service(service);
         self
     }
@@ -127,6 +153,31 @@ impl ServiceSet {
     /// proxies them).
     pub fn reflect(mut self, service_names: impl IntoIterator<Item = String>) -> Self {
         self.reflected.extend(service_names);
+        self
+    }
+
+    /// Sends every call whose service is not served here to `fallback` (the gateway's
+    /// proxy), under the same limits. `service_names` are the services it answers for:
+    /// each is listed by reflection and gets a health status. The fallback answers
+    /// unknown paths itself (UNIMPLEMENTED over HTTP 200).
+    pub fn fallback(
+        mut self,
+        fallback: FallbackService,
+        service_names: impl IntoIterator<Item = String>,
+    ) -> Self {
+        for name in service_names {
+            self.health.track(&name);
+            self.reflected.insert(name);
+        }
+        self.fallback = Some(fallback);
+        self
+    }
+
+    /// Serves over TLS with `config` (its ALPN protocols are set to `h2`).
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        self.tls = Some(TlsAcceptor::from(Arc::new(config)));
         self
     }
 
@@ -151,10 +202,13 @@ impl ServiceSet {
     fn into_parts(self) -> Result<ServerParts, ServeError> {
         let ServiceSet {
             mut routes,
+            served,
             reflected,
             health,
             stats,
             verifier,
+            fallback,
+            tls,
             ..
         } = self;
         let mut v1 = tonic_reflection::server::Builder::configure()
@@ -179,6 +233,11 @@ impl ServiceSet {
             health,
             stats,
             verifier,
+            fallback: fallback.map(|fallback| Fallback {
+                served: Arc::new(served),
+                service: fallback,
+            }),
+            tls,
         })
     }
 }
@@ -188,6 +247,26 @@ struct ServerParts {
     health: Health,
     stats: Arc<ServerStats>,
     verifier: Option<Arc<Verifier>>,
+    fallback: Option<Fallback>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// The fallback service and the services it does not answer for.
+#[derive(Clone)]
+struct Fallback {
+    served: Arc<BTreeSet<String>>,
+    service: FallbackService,
+}
+
+impl Fallback {
+    /// Whether `path` (`/package.Service/Method`) belongs to the fallback.
+    fn takes(&self, path: &str) -> bool {
+        let service = path
+            .strip_prefix('/')
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        !self.served.contains(service)
+    }
 }
 
 /// Counters of what a server's limits did, for metrics and for tests that must prove
@@ -240,13 +319,14 @@ where
         health,
         stats,
         verifier,
+        fallback,
+        tls,
     } = services.into_parts()?;
-    let connection = Arc::new(ConnectionConfig::new(
-        routes,
-        limits,
-        Arc::clone(&stats),
-        verifier,
-    ));
+    let connection = Arc::new(ConnectionConfig {
+        fallback,
+        tls,
+        ..ConnectionConfig::new(routes, limits, Arc::clone(&stats), verifier)
+    });
     let open_connections = Arc::new(Semaphore::new(limits.max_connections));
     let stop = CancellationToken::new();
     let mut connections = JoinSet::new();
@@ -340,6 +420,8 @@ struct ConnectionConfig {
     max_unary_per_connection: usize,
     stats: Arc<ServerStats>,
     verifier: Option<Arc<Verifier>>,
+    fallback: Option<Fallback>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl ConnectionConfig {
@@ -372,13 +454,38 @@ impl ConnectionConfig {
             max_unary_per_connection: limits.max_unary_per_connection,
             stats,
             verifier,
+            fallback: None,
+            tls: None,
         }
     }
 
-    /// Serves one connection until it closes, enforcing the handshake, idle and age limits.
+    /// Serves one connection until it closes: the TLS handshake first when configured
+    /// (bounded by the handshake timeout), then HTTP/2.
     async fn serve(&self, stream: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+        let Some(acceptor) = &self.tls else {
+            return self.serve_http2(stream, peer, stop).await;
+        };
+        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => self.serve_http2(stream, peer, stop).await,
+            Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+            Err(_) => {
+                self.stats
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "no TLS handshake before the handshake timeout");
+            }
+        }
+    }
+
+    /// Serves HTTP/2 on one connection until it closes, enforcing the handshake, idle and
+    /// age limits.
+    async fn serve_http2<I>(&self, stream: I, peer: SocketAddr, stop: CancellationToken)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let state = Arc::new(ConnectionState::new());
         let service = ConnectionService {
+            fallback: self.fallback.clone(),
             routes: self.routes.clone(),
             state: Arc::clone(&state),
             unary_permits: Arc::new(Semaphore::new(self.max_unary_per_connection)),
@@ -506,15 +613,16 @@ impl Drop for InFlight {
 }
 
 pin_project_lite::pin_project! {
-    /// The accepted socket, counting bytes read for the handshake deadline.
-    struct CountingIo {
+    /// The accepted socket (or its TLS stream), counting bytes read for the handshake
+    /// deadline.
+    struct CountingIo<I> {
         #[pin]
-        inner: TcpStream,
+        inner: I,
         state: Arc<ConnectionState>,
     }
 }
 
-impl AsyncRead for CountingIo {
+impl<I: AsyncRead> AsyncRead for CountingIo<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -529,7 +637,7 @@ impl AsyncRead for CountingIo {
     }
 }
 
-impl AsyncWrite for CountingIo {
+impl<I: AsyncWrite> AsyncWrite for CountingIo<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -563,6 +671,7 @@ impl AsyncWrite for CountingIo {
 #[derive(Clone)]
 struct ConnectionService {
     routes: Routes,
+    fallback: Option<Fallback>,
     state: Arc<ConnectionState>,
     unary_permits: Arc<Semaphore>,
     message_size: MessageSizeLimit,
@@ -625,9 +734,18 @@ impl Service<Request<Incoming>> for ConnectionService {
         let message_size = self.message_size.clone();
         let request = request.map(|body| tonic::body::Body::new(message_size.wrap(body)));
         let mut routes = self.routes.clone();
+        let fallback = self
+            .fallback
+            .as_ref()
+            .filter(|fallback| fallback.takes(request.uri().path()))
+            .map(|fallback| fallback.service.clone());
         let stats = Arc::clone(&self.stats);
         Box::pin(async move {
-            let call = routes.call(request);
+            let call: Pin<Box<dyn Future<Output = Result<GrpcResponse, Infallible>> + Send>> =
+                match fallback {
+                    Some(mut fallback) => fallback.call(request),
+                    None => Box::pin(routes.call(request)),
+                };
             let response =
                 match deadline {
                     None => call.await,

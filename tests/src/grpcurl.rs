@@ -20,9 +20,19 @@ pub struct GrpcurlOutput {
 
 /// Runs `grpcurl -plaintext <args…>` (bounded by [`LIVENESS`]).
 pub async fn grpcurl(args: &[&str]) -> anyhow::Result<GrpcurlOutput> {
+    run(&["-plaintext"], args).await
+}
+
+/// Runs `grpcurl -cacert <ca> <args…>`: TLS, trusting only the authority in `ca`.
+pub async fn grpcurl_tls(ca: &std::path::Path, args: &[&str]) -> anyhow::Result<GrpcurlOutput> {
+    let ca = ca.to_string_lossy();
+    run(&["-cacert", &ca], args).await
+}
+
+async fn run(transport: &[&str], args: &[&str]) -> anyhow::Result<GrpcurlOutput> {
     let binary = std::env::var(ENV_GRPCURL).unwrap_or_else(|_| "grpcurl".to_owned());
     let output = Command::new(&binary)
-        .arg("-plaintext")
+        .args(transport)
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)

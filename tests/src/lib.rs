@@ -12,6 +12,7 @@
 //! binary.
 
 pub mod acquirer;
+pub mod gateway;
 pub mod grpcurl;
 pub mod identity;
 pub mod payments;

@@ -20,7 +20,9 @@ pub struct RunningService {
 }
 
 impl RunningService {
-    async fn start<F, Fut>(run: F) -> anyhow::Result<Self>
+    /// Runs `run` on a fresh `127.0.0.1:0` listener; it must return once the receiver
+    /// fires.
+    pub async fn start<F, Fut>(run: F) -> anyhow::Result<Self>
     where
         F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
         Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
@@ -150,12 +152,7 @@ pub async fn ratelimit_counted(
     Ok((service, counters))
 }
 
-/// gateway-svc with default settings.
-pub async fn gateway() -> anyhow::Result<RunningService> {
-    RunningService::start(|listener, stopped| async move {
-        let config = gateway_svc::Config::with_listen_addr(listener.local_addr()?);
-        gateway_svc::run(listener, config, on_signal(stopped)).await?;
-        Ok(())
-    })
-    .await
+/// gateway-svc with default settings (plaintext, no keys, upstreams unreachable).
+pub async fn gateway() -> anyhow::Result<crate::gateway::TestGateway> {
+    crate::gateway::TestGateway::start(Default::default()).await
 }

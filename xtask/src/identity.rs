@@ -34,7 +34,7 @@ pub fn dev_key() -> anyhow::Result<SigningKey> {
     Ok(key)
 }
 
-fn write_private(path: &PathBuf, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &PathBuf, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut file = std::fs::OpenOptions::new()

@@ -4,7 +4,8 @@
 //! 1. [`ports::ensure_free`] on the three service ports, tools, `cargo build`;
 //! 2. backends: PostgreSQL and Redis ([`Postgres`], [`Redis`]), then [`create_database`]
 //!    (roles `paysuite_owner` and `paysuite_app`, database `paysuite`);
-//! 3. [`DevSecrets`]: what the services trust in development (identity key, card keys);
+//! 3. [`DevSecrets`]: what the services trust in development (identity key, card keys),
+//!    and [`DemoKey`]: the gateway's API key pepper, keys file and a demo API key;
 //! 4. [`Services`]: start the three binaries, wait for gRPC readiness, print how to call them;
 //! 5. wait for Ctrl-C, SIGTERM or a service dying; then stop the services, Redis and
 //!    PostgreSQL, in that order (guards dropping in reverse declaration order).
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use secrecy::ExposeSecret as _;
 
 use crate::postgres::Postgres;
 use crate::process::{cargo, step, tail, wait_timeout};
@@ -56,6 +58,7 @@ pub fn run(interrupted: &Interrupted) -> anyhow::Result<()> {
     interrupted.check()?;
     let database = create_database(&postgres, interrupted).context("creating the database")?;
     let secrets = DevSecrets::load()?;
+    let demo = DemoKey::load(&target_dir().join("debug"))?;
 
     let mut services = Services::new(target_dir().join("debug"), run_dir);
     services.start(
@@ -79,13 +82,19 @@ pub fn run(interrupted: &Interrupted) -> anyhow::Result<()> {
             ("IDENTITY_PUBLIC_KEYS", &secrets.identity_public_keys),
         ],
     )?;
+    let keys_file = demo.keys_file.to_string_lossy();
     services.start(
         "gateway-svc",
         GATEWAY,
         &[
             ("LISTEN_ADDR", GATEWAY),
+            // Local development: plaintext, so the printed grpcurl commands need no CA.
+            ("TLS_PLAINTEXT", "true"),
             ("PAYMENT_SVC_ADDR", &format!("http://{PAYMENT}")),
             ("RATELIMIT_SVC_ADDR", &format!("http://{RATELIMIT}")),
+            ("API_KEYS_FILE", &keys_file),
+            ("API_KEY_PEPPER", &demo.pepper),
+            ("IDENTITY_SIGNING_KEY", &secrets.identity_signing_key),
         ],
     )?;
     println!("xtask: service logs in {}", services.run_dir.display());
@@ -97,6 +106,7 @@ pub fn run(interrupted: &Interrupted) -> anyhow::Result<()> {
         &database,
         &postgres,
         redis.url(),
+        &demo,
     );
     while !interrupted.is_set() {
         services.check_alive()?;
@@ -146,6 +156,8 @@ fn create_database(postgres: &Postgres, interrupted: &Interrupted) -> anyhow::Re
 struct DevSecrets {
     /// `IDENTITY_PUBLIC_KEYS`: the public half of the development signing key.
     identity_public_keys: String,
+    /// `IDENTITY_SIGNING_KEY`: the development signing key itself, for the gateway.
+    identity_signing_key: String,
     /// `CARD_ENCRYPTION_KEYS` for payment-svc's card vault.
     card_encryption_keys: String,
     /// `CARD_FINGERPRINT_KEY` for payment-svc's card vault.
@@ -154,12 +166,91 @@ struct DevSecrets {
 
 impl DevSecrets {
     fn load() -> anyhow::Result<Self> {
-        let identity_public_keys = crate::identity::dev_key()?.public_key().to_string();
+        let identity_key = crate::identity::dev_key()?;
+        let identity_public_keys = identity_key.public_key().to_string();
+        let identity_signing_key = identity_key.to_secret_string().expose_secret().to_owned();
         let (card_encryption_keys, card_fingerprint_key) = crate::identity::dev_card_keys()?;
         Ok(Self {
             identity_public_keys,
+            identity_signing_key,
             card_encryption_keys,
             card_fingerprint_key,
+        })
+    }
+}
+
+/// The gateway's development API keys: a pepper, a keys file and one demo key (scopes
+/// `payments:read,payments:write,admin`), generated once under `.paysuite/` by
+/// `gateway-svc generate-key` so printed commands keep working across runs.
+#[derive(Debug)]
+struct DemoKey {
+    /// `API_KEY_PEPPER`.
+    pepper: String,
+    /// `API_KEYS_FILE`.
+    keys_file: PathBuf,
+    /// The demo API key, for `authorization: Bearer …`.
+    key: String,
+}
+
+impl DemoKey {
+    const PRINCIPAL: &'static str = "demo";
+    const SCOPES: &'static str = "payments:read,payments:write,admin";
+
+    fn load(bin_dir: &Path) -> anyhow::Result<Self> {
+        let dir = workspace_root().join(".paysuite");
+        std::fs::create_dir_all(&dir)?;
+        let pepper_path = dir.join("dev-api-key-pepper");
+        let key_path = dir.join("dev-api-key");
+        let keys_file = dir.join("dev-api-keys.yaml");
+        let pepper = match std::fs::read_to_string(&pepper_path) {
+            Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
+            _ => {
+                let pepper = random_hex(32)?;
+                crate::identity::write_private(&pepper_path, &pepper)?;
+                pepper
+            }
+        };
+        if let (Ok(key), Ok(_)) = (
+            std::fs::read_to_string(&key_path),
+            std::fs::metadata(&keys_file),
+        ) && !key.trim().is_empty()
+        {
+            return Ok(Self {
+                pepper,
+                keys_file,
+                key: key.trim().to_owned(),
+            });
+        }
+        let binary = bin_dir.join("gateway-svc");
+        let output = Command::new(&binary)
+            .args(["generate-key", "--principal", Self::PRINCIPAL])
+            .args(["--scopes", Self::SCOPES, "--tier", "standard"])
+            .env("API_KEY_PEPPER", &pepper)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {} generate-key", binary.display()))?;
+        if !output.status.success() {
+            bail!(
+                "gateway-svc generate-key failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let mut lines = stdout.lines();
+        let (Some(key), Some(line)) = (lines.next(), lines.next()) else {
+            bail!("gateway-svc generate-key printed no key");
+        };
+        crate::identity::write_private(
+            &keys_file,
+            &format!(
+                "# Development API keys (cargo xtask up); the demo key is in dev-api-key.\n{line}\n"
+            ),
+        )?;
+        crate::identity::write_private(&key_path, key)?;
+        Ok(Self {
+            pepper,
+            keys_file,
+            key: key.to_owned(),
         })
     }
 }
@@ -314,6 +405,7 @@ fn print_instructions(
     database: &Database,
     postgres: &Postgres,
     redis_url: &str,
+    demo: &DemoKey,
 ) {
     // The short name when the one on PATH is the same binary, so commands paste cleanly.
     let grpcurl = match tools::which("grpcurl") {
@@ -326,10 +418,18 @@ fn print_instructions(
         "
 paysuite is up. Service logs: {logs}
 
-  # The whole API, through the gateway:
+  # Through the gateway, with the demo API key (principal {principal}, scopes {scopes}):
+  export PAYSUITE_KEY={key}
   {grpcurl} -plaintext {GATEWAY} list
+  {grpcurl} -plaintext -H \"authorization: Bearer $PAYSUITE_KEY\" -d '{{\"idempotency_key\":\"demo-merchant-1\",\"currency\":\"BRL\",\"kind\":\"ACCOUNT_KIND_MERCHANT\"}}' {GATEWAY} paysuite.payments.v1.PaymentService/CreateAccount
+  {grpcurl} -plaintext -H \"authorization: Bearer $PAYSUITE_KEY\" -d '{{\"idempotency_key\":\"demo-payment-1\",\"merchant_account_id\":\"<account id from above>\",\"amount\":{{\"amount_minor\":\"1999\",\"currency\":\"BRL\"}},\"card\":{{\"number\":\"4242424242424242\",\"exp_month\":12,\"exp_year\":2034,\"cvc\":\"123\"}}}}' {GATEWAY} paysuite.payments.v1.PaymentService/CreatePayment
+  {grpcurl} -plaintext -H \"authorization: Bearer $PAYSUITE_KEY\" -d '{{\"payment_id\":\"<payment id from above>\"}}' {GATEWAY} paysuite.payments.v1.PaymentService/GetPayment
+  {grpcurl} -plaintext -H \"authorization: Bearer $PAYSUITE_KEY\" -d '{{\"account_id\":\"<account id>\"}}' {GATEWAY} paysuite.payments.v1.PaymentService/WatchBalance
   {grpcurl} -plaintext {GATEWAY} describe paysuite.payments.v1.PaymentService
   {grpcurl} -plaintext {GATEWAY} describe paysuite.payments.v1.CreatePaymentRequest
+
+  # More keys: append the second line this prints to {keys_file} (reloaded within 5s):
+  API_KEY_PEPPER=$(cat {pepper_file}) target/debug/gateway-svc generate-key --principal acme --scopes payments:read --tier standard
 
   # Readiness of each service:
   {grpcurl} -plaintext -d '{{\"service\":\"readiness\"}}' {GATEWAY} grpc.health.v1.Health/Check
@@ -345,7 +445,12 @@ paysuite is up. Service logs: {logs}
   redis-cli -u {redis_url}
 
 Ctrl-C stops everything.",
-        logs = run_dir.display()
+        logs = run_dir.display(),
+        principal = DemoKey::PRINCIPAL,
+        scopes = DemoKey::SCOPES,
+        key = demo.key,
+        keys_file = demo.keys_file.display(),
+        pepper_file = workspace_root().join(".paysuite/dev-api-key-pepper").display(),
     );
 }
 

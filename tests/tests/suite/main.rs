@@ -7,6 +7,7 @@ mod background;
 mod canary;
 mod database;
 mod envoy;
+mod gateway;
 mod identity;
 mod jobs;
 mod ledger;

@@ -67,7 +67,9 @@ async fn spawned_ratelimit_svc_shuts_down_gracefully_on_sigterm() -> anyhow::Res
 
 #[tokio::test]
 async fn spawned_gateway_svc_shuts_down_gracefully_on_sigterm() -> anyhow::Result<()> {
-    sigterm_turns_not_serving_then_exits_zero("gateway-svc", Vec::new()).await
+    let dir = tempfile::tempdir()?;
+    let envs = tests::gateway::spawned_env(dir.path())?;
+    sigterm_turns_not_serving_then_exits_zero("gateway-svc", envs).await
 }
 
 #[tokio::test]

@@ -1,0 +1,338 @@
+//! The transparent part: one upstream endpoint as a tower service, and a cluster of them.
+//!
+//! An [`Endpoint`] forwards a call over one shared HTTP/2 connection (hyper's client,
+//! plaintext h2 with prior knowledge) and streams the answer back: request and response
+//! bodies are handed through frame by frame — messages are never decoded, re-encoded or
+//! buffered — and response headers and trailers (including trailers-only responses,
+//! whose status rides in the headers of an empty body) are returned as the upstream sent
+//! them. Only the request's URI is rewritten to point at the endpoint.
+//!
+//! Two request-side events need a status of their own, since hyper would only reset the
+//! upstream stream:
+//! - the request body fails (the message size limit refuses a message from its length
+//!   prefix): the caller gets that status — as a trailers-only response when no response
+//!   has started, as the trailers of the response otherwise;
+//! - the upstream cannot be reached or drops the stream: UNAVAILABLE.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::oneshot;
+use tonic::Status;
+use tower::util::BoxCloneSyncService;
+use tower_service::Service;
+
+use crate::deadline::CallDeadline;
+
+/// What every stage of the proxy stack is: a gRPC call in, a gRPC response out, and
+/// failures answered as gRPC statuses rather than errors.
+pub type GrpcService =
+    BoxCloneSyncService<Request<tonic::body::Body>, Response<tonic::body::Body>, Infallible>;
+
+/// The future of a [`GrpcService`].
+pub type GrpcFuture =
+    Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, Infallible>> + Send>>;
+
+/// A status as a complete (trailers-only) gRPC response.
+pub fn status_response(status: &Status) -> Response<tonic::body::Body> {
+    status.clone().into_http()
+}
+
+/// How the gateway connects to endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectSettings {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// HTTP/2 PING interval on upstream connections (dead peers are noticed).
+    pub keepalive_interval: Duration,
+    /// A PING unanswered this long closes the upstream connection.
+    pub keepalive_timeout: Duration,
+}
+
+/// One upstream endpoint: `http://host:port`.
+#[derive(Clone)]
+pub struct Endpoint {
+    scheme: Scheme,
+    authority: Authority,
+    client: Client<HttpConnector, WatchedBody>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint at `uri` (scheme and authority; checked by the route table). It
+    /// connects on first use and reconnects after a connection is lost.
+    pub fn new(uri: &Uri, settings: ConnectSettings) -> Option<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_keep_alive_interval(settings.keepalive_interval)
+            .http2_keep_alive_timeout(settings.keepalive_timeout)
+            .http2_keep_alive_while_idle(true)
+            .set_host(false)
+            .build(connector);
+        Some(Self {
+            scheme: uri.scheme()?.clone(),
+            authority: uri.authority()?.clone(),
+            client,
+        })
+    }
+
+    /// `host:port`, for logs.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+}
+
+impl Service<Request<tonic::body::Body>> for Endpoint {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = GrpcFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // hyper's pool queues on its own connection; readiness gates (breakers) wrap this.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(path);
+        match Uri::from_parts(uri) {
+            Ok(uri) => parts.uri = uri,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot address the upstream");
+                return Box::pin(std::future::ready(Ok(status_response(&Status::internal(
+                    "internal error",
+                )))));
+            }
+        }
+        parts.version = Version::HTTP_2;
+        if let Some(deadline) = parts.extensions.get::<CallDeadline>().copied() {
+            // The budget left now, after everything the gateway did so far.
+            match deadline.remaining() {
+                Some(remaining) => {
+                    parts
+                        .headers
+                        .insert("grpc-timeout", grpc_timeout(remaining));
+                }
+                None => {
+                    return Box::pin(std::future::ready(Ok(status_response(
+                        &Status::deadline_exceeded("deadline exceeded before the call was sent"),
+                    ))));
+                }
+            }
+        }
+        let (refused_tx, mut refused) = oneshot::channel();
+        let body = WatchedBody {
+            inner: body,
+            refused: Some(refused_tx),
+        };
+        let upstream = self.authority.clone();
+        let response = self.client.request(Request::from_parts(parts, body));
+        Box::pin(async move {
+            // Whichever comes first: the upstream's answer, or our own refusal of the
+            // request body (then the upstream stream is reset and its answer is moot).
+            let refusal = async {
+                match (&mut refused).await {
+                    Ok(status) => status,
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                status = refusal => Ok(status_response(&status)),
+                response = response => Ok(match response {
+                    Ok(response) => response.map(|body| {
+                        tonic::body::Body::new(UpstreamBody {
+                            inner: body,
+                            refused: Some(refused),
+                            done: false,
+                        })
+                    }),
+                    Err(err) => {
+                        if let Ok(status) = refused.try_recv() {
+                            return Ok(status_response(&status));
+                        }
+                        tracing::debug!(%upstream, error = %err, "upstream call failed");
+                        status_response(&Status::unavailable(format!(
+                            "upstream {upstream} unavailable"
+                        )))
+                    }
+                }),
+            }
+        })
+    }
+}
+
+/// `grpc-timeout` for `remaining`, in milliseconds rounded up (8 digits at most).
+fn grpc_timeout(remaining: Duration) -> HeaderValue {
+    let millis = remaining.as_micros().div_ceil(1000).clamp(1, 99_999_999);
+    HeaderValue::from_str(&format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
+}
+
+/// A cluster: interchangeable endpoints. This is the balancer's slot: for now calls go
+/// round-robin; circuit breakers per endpoint and p2c replace this with a tower
+/// balancer over the same [`Endpoint`]s.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    endpoints: Arc<[Endpoint]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Cluster {
+    /// A cluster of `endpoints` (at least one; the route table guarantees it).
+    pub fn new(endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            endpoints: endpoints.into(),
+            next: Arc::default(),
+        }
+    }
+}
+
+impl Service<Request<tonic::body::Body>> for Cluster {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = GrpcFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let count = self.endpoints.len();
+        if count == 0 {
+            return Box::pin(std::future::ready(Ok(status_response(
+                &Status::unavailable("no upstream endpoint"),
+            ))));
+        }
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let mut endpoint = self.endpoints[index].clone();
+        endpoint.call(request)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request body on its way upstream: frames pass through; a failure (a refused
+    /// message) is reported to the response side before hyper resets the stream.
+    pub struct WatchedBody {
+        #[pin]
+        inner: tonic::body::Body,
+        refused: Option<oneshot::Sender<Status>>,
+    }
+}
+
+impl Body for WatchedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if let Some(Err(status)) = &frame
+            && let Some(refused) = this.refused.take()
+        {
+            let _ = refused.send(status.clone());
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The upstream's response body on its way to the caller: frames pass through. If the
+    /// upstream stream breaks, the caller gets trailers instead of a reset: the request's
+    /// own refusal when there was one, UNAVAILABLE otherwise.
+    struct UpstreamBody {
+        #[pin]
+        inner: hyper::body::Incoming,
+        refused: Option<oneshot::Receiver<Status>>,
+        done: bool,
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            None => Poll::Ready(None),
+            Some(Err(err)) => {
+                *this.done = true;
+                let status = this
+                    .refused
+                    .take()
+                    .and_then(|mut refused| refused.try_recv().ok())
+                    .unwrap_or_else(|| {
+                        tracing::debug!(error = %err, "upstream stream broke");
+                        Status::unavailable("upstream stream broke")
+                    });
+                Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The trailers that carry `status`.
+fn trailers(status: &Status) -> HeaderMap {
+    // `into_http` puts the status in the headers of a trailers-only response: the same
+    // fields are the trailers of a response that has started.
+    let (parts, _) = status.clone().into_http::<()>().into_parts();
+    let mut trailers = parts.headers;
+    trailers.remove(http::header::CONTENT_TYPE);
+    trailers
+}
