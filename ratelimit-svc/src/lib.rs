@@ -91,10 +91,16 @@ pub enum RunError {
     /// and `main` prints the chain).
     #[error("RATELIMIT_CONFIG: {0}")]
     Rules(rules::RulesError),
-    /// Redis could not be reached at start.
+    /// Redis could not be reached at start (not a `#[source]` either, for the same reason).
     #[error("REDIS_URL: {0}")]
-    Store(#[from] store::StoreError),
+    Store(store::StoreError),
     /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] service_kit::ServeError),
+}
+
+impl From<store::StoreError> for RunError {
+    fn from(err: store::StoreError) -> Self {
+        Self::Store(err)
+    }
 }

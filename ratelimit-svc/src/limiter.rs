@@ -130,13 +130,13 @@ fn sliding(state: &mut Option<KeyState>, limit: &Limit, cost: u64, now: i64) -> 
     }
     let used: u64 = admissions.iter().map(|(_, c)| c).sum();
     let wanted = cost.max(u64::from(cost == 0));
-    let allowed = used + wanted <= limit.limit;
+    let allowed = used.saturating_add(wanted) <= limit.limit;
     let mut retry_after = 0;
     if allowed && cost > 0 {
         admissions.push_back((now, cost));
     } else if !allowed {
         // The earliest time enough old admissions have left the window.
-        let excess = used + wanted - limit.limit;
+        let excess = used.saturating_add(wanted) - limit.limit;
         let mut freed = 0;
         for (t, c) in &admissions {
             freed += c;
@@ -202,7 +202,7 @@ fn fixed(state: &mut Option<KeyState>, limit: &Limit, cost: u64, now: i64) -> De
         _ => 0,
     };
     let wanted = cost.max(u64::from(cost == 0));
-    let allowed = count + wanted <= limit.limit;
+    let allowed = count.saturating_add(wanted) <= limit.limit;
     let count_after = if allowed { count + cost } else { count };
     if count_after > 0 {
         *state = Some(KeyState::Fixed {
@@ -373,6 +373,25 @@ mod tests {
             let peek = decide(&mut state, &limit, 0, SECOND);
             assert!(!peek.allowed, "{algorithm:?}");
             assert_eq!(peek.remaining, 0);
+        }
+    }
+
+    #[test]
+    fn a_cost_near_the_integer_limit_is_refused_not_wrapped() {
+        for algorithm in [
+            Algorithm::SlidingWindow,
+            Algorithm::Gcra,
+            Algorithm::FixedWindow,
+        ] {
+            let limit = limit(algorithm, 5, 1000);
+            let mut state = None;
+            assert!(decide(&mut state, &limit, 1, SECOND).allowed);
+            let huge = decide(&mut state, &limit, u64::MAX, SECOND);
+            assert!(!huge.allowed, "{algorithm:?}");
+            assert!(
+                decide(&mut state, &limit, 4, SECOND).allowed,
+                "{algorithm:?}"
+            );
         }
     }
 }
