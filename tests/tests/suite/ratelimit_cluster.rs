@@ -77,20 +77,20 @@ async fn spawned_cluster_keeps_each_key_on_its_master_and_follows_a_moved_slot()
     for algorithm in ALGORITHMS {
         for (key, owner) in &keys_per_node(&cluster, &format!("{algorithm:?}"), 2).await? {
             for n in 0..3 {
-                let decision = check(&mut client, &key, three_per_hour(algorithm), 1).await?;
+                let decision = check(&mut client, key, three_per_hour(algorithm), 1).await?;
                 assert!(
                     decision.allowed && source(&decision) == pb::DecisionSource::Store,
                     "{key} #{n}: {decision:?}"
                 );
             }
-            let refused = check(&mut client, &key, three_per_hour(algorithm), 1).await?;
+            let refused = check(&mut client, key, three_per_hour(algorithm), 1).await?;
             assert_eq!(
                 (refused.allowed, source(&refused)),
                 (false, pb::DecisionSource::Store),
                 "{key}"
             );
             for (index, node) in cluster.nodes().iter().enumerate() {
-                let held = keys_on(node, &key).await?;
+                let held = keys_on(node, key).await?;
                 assert_eq!(
                     held.len(),
                     usize::from(index == *owner),
