@@ -84,7 +84,10 @@ async fn hammer(algorithm: pb::Algorithm) -> anyhow::Result<(Vec<Admission>, Vec
 
 /// A counter from the "ratelimit-svc counters at shutdown" log line (the process has
 /// exited; its last lines may still be on their way through the pipe).
-async fn shutdown_counter(process: &SpawnedService, counter: &str) -> anyhow::Result<u64> {
+pub(crate) async fn shutdown_counter(
+    process: &SpawnedService,
+    counter: &str,
+) -> anyhow::Result<u64> {
     let read = || {
         process
             .stdout()
