@@ -15,6 +15,37 @@ use tokio::sync::watch;
 
 use crate::{ENV_BIN_DIR, LIVENESS};
 
+/// Freezes process `pid` (SIGSTOP) and returns once every one of its threads is stopped:
+/// connections stay open and nothing is answered. `kill` only starts the stop — the
+/// kernel stops a process's threads one after another — so until the last one is stopped
+/// the process may still answer a request sent after the signal.
+pub async fn freeze(pid: u32) -> anyhow::Result<()> {
+    nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid)?), Signal::SIGSTOP)?;
+    tokio::time::timeout(LIVENESS, async {
+        while !all_threads_stopped(pid)? {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("process {pid} not stopped after {LIVENESS:?}"))?
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped), from `/proc/<pid>/task/*/stat`.
+fn all_threads_stopped(pid: u32) -> anyhow::Result<bool> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        // `pid (comm) state …`: the state follows the last `)` (comm may hold one).
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if state != Some("T") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// The path of a workspace binary (`payment-svc`, …) built by `cargo xtask test`.
 pub fn binary_path(name: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os(ENV_BIN_DIR) {
@@ -158,6 +189,16 @@ impl SpawnedService {
         let pid = i32::try_from(pid).context("pid out of range")?;
         nix::sys::signal::kill(Pid::from_raw(pid), signal)?;
         Ok(())
+    }
+
+    /// Freezes the process (see [`freeze`]).
+    pub async fn freeze(&self) -> anyhow::Result<()> {
+        freeze(self.child.id().context("process already reaped")?).await
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
     }
 
     /// Waits (at most `bound`) for the process to exit.

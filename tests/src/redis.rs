@@ -114,10 +114,11 @@ impl PrivateRedis {
         Ok(info_counter(&info, field))
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open and nothing is answered, the
-    /// fault that exercises deadlines (a killed server refuses connections at once).
-    pub fn freeze(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
+    /// Freezes the server ([`crate::process::freeze`]): connections stay open and nothing
+    /// is answered, the fault that exercises deadlines (a killed server refuses connections
+    /// at once).
+    pub async fn freeze(&self) -> anyhow::Result<()> {
+        crate::process::freeze(self.pid()?).await
     }
 
     /// Lets a frozen server run again (SIGCONT).
@@ -144,13 +145,15 @@ impl PrivateRedis {
         self.spawn().await
     }
 
-    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = self
-            .child
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child
             .as_ref()
             .and_then(Child::id)
-            .context("redis-server is not running")?;
-        nix::sys::signal::kill(Pid::from_raw(i32::try_from(pid)?), signal)?;
+            .context("redis-server is not running")
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        nix::sys::signal::kill(Pid::from_raw(i32::try_from(self.pid()?)?), signal)?;
         Ok(())
     }
 

@@ -60,6 +60,10 @@ pub struct RunnerCounters {
     pub finished: std::sync::atomic::AtomicU64,
     /// Outcomes refused because the claim was lost.
     pub stale: std::sync::atomic::AtomicU64,
+    /// Leases renewed while a job ran.
+    pub renewals: std::sync::atomic::AtomicU64,
+    /// Renewals that failed or found the lease lost.
+    pub renewal_failures: std::sync::atomic::AtomicU64,
     /// Jobs handed back at shutdown.
     pub released: std::sync::atomic::AtomicU64,
     /// Wake-ups by notification.
@@ -228,21 +232,17 @@ async fn run_one(
     let job = &claimed.job;
     let perform = handler.perform(&claimed);
     tokio::pin!(perform);
-    let mut renew = tokio::time::interval(config.lease / 3);
-    renew.tick().await;
+    // The renewal is polled beside the handler, never awaited in turn with it: the handler
+    // may hold the job's row lock in a fenced transaction, and a renewal waiting for that
+    // lock must not keep the handler from committing (it would wait out `lock_timeout`,
+    // again and again, while the job stands still).
+    let renewal = keep_leased(pool, job, config.lease, counters);
+    tokio::pin!(renewal);
     let mut drain_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let outcome = loop {
         tokio::select! {
             outcome = &mut perform => break Some(outcome),
-            _ = renew.tick() => {
-                match super::renew(pool, job, config.lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!("lease lost while running; the outcome will be refused");
-                    }
-                    Err(err) => tracing::warn!(error = %err, "renewing the lease failed"),
-                }
-            }
+            never = &mut renewal => match never {},
             _ = shutdown.changed(), if drain_deadline.is_none() => {
                 drain_deadline = Some(Box::pin(tokio::time::sleep(config.drain_timeout)));
             }
@@ -270,6 +270,37 @@ async fn run_one(
         }
         Err(err) => {
             tracing::warn!(error = %err, "recording the job's outcome failed; its lease will expire")
+        }
+    }
+}
+
+/// Renews `job`'s lease every third of it, for as long as it is polled.
+async fn keep_leased(
+    pool: &PgPool,
+    job: &super::Job,
+    lease: Duration,
+    counters: &RunnerCounters,
+) -> std::convert::Infallible {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let mut renew = tokio::time::interval(lease / 3);
+    // A late renewal is followed by one a full period later, not by a burst.
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    renew.tick().await;
+    loop {
+        renew.tick().await;
+        match super::renew(pool, job, lease).await {
+            Ok(true) => {
+                counters.renewals.fetch_add(1, Relaxed);
+            }
+            Ok(false) => {
+                counters.renewal_failures.fetch_add(1, Relaxed);
+                tracing::warn!("lease lost while running; the outcome will be refused");
+            }
+            Err(err) => {
+                counters.renewal_failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %err, "renewing the lease failed");
+            }
         }
     }
 }

@@ -966,65 +966,10 @@ async fn grpcurl_calls_should_rate_limit_with_envoys_protos_as_the_readme_shows(
     envoy.service.stop().await
 }
 
-/// A Redis of this test's own, so that freezing it (SIGSTOP) disturbs no other test.
-struct PrivateRedis {
-    child: tokio::process::Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    async fn start() -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let binary = ["redis-server", "/usr/bin/redis-server"]
-            .into_iter()
-            .find(|candidate| {
-                std::process::Command::new(candidate)
-                    .arg("--version")
-                    .output()
-                    .is_ok_and(|output| output.status.success())
-            })
-            .ok_or_else(|| anyhow::anyhow!("no redis-server (cargo xtask test installs it)"))?;
-        let child = tokio::process::Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = ::redis::Client::open(url.as_str())?;
-        tokio::time::timeout(tests::LIVENESS, async {
-            loop {
-                if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
-                    let pong: Result<String, _> =
-                        ::redis::cmd("PING").query_async(&mut connection).await;
-                    if pong.is_ok() {
-                        return;
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        })
-        .await?;
-        Ok(Self { child, url })
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
-        let pid = self
-            .child
-            .id()
-            .ok_or_else(|| anyhow::anyhow!("redis exited"))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid)?), signal)?;
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn spawned_frozen_redis_answers_by_each_domains_failure_mode() -> anyhow::Result<()> {
     use nix::sys::signal::Signal;
-    let redis = PrivateRedis::start().await?;
+    let redis = tests::redis::PrivateRedis::start().await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("modes.yaml");
     let rule = "descriptors:\n  - key: user\n    rate_limit: {unit: day, requests_per_unit: 5}\n";
@@ -1038,7 +983,7 @@ async fn spawned_frozen_redis_answers_by_each_domains_failure_mode() -> anyhow::
         "ratelimit-svc",
         &[
             ("RATELIMIT_CONFIG", config.display().to_string()),
-            ("REDIS_URL", redis.url.clone()),
+            ("REDIS_URL", redis.url()),
             ("REDIS_TIMEOUT", "100ms".to_owned()),
             // Domains without their own failure_mode take the service's.
             ("FAILURE_MODE", "closed".to_owned()),
@@ -1068,11 +1013,11 @@ async fn spawned_frozen_redis_answers_by_each_domains_failure_mode() -> anyhow::
     }
     // A frozen Redis never answers: every call ends at REDIS_TIMEOUT (or the open
     // breaker), and the domain's mode decides.
-    redis.signal(Signal::SIGSTOP)?;
+    redis.freeze().await?;
     let open = ask("open").await?;
     let closed = ask("closed").await?;
     let default = ask("default").await?;
-    redis.signal(Signal::SIGCONT)?;
+    redis.resume()?;
     assert_eq!(code(&open), Some(Code::Ok));
     assert_eq!(code(&closed), Some(Code::OverLimit));
     assert_eq!(code(&default), Some(Code::OverLimit));

@@ -718,7 +718,6 @@ async fn spawned_frozen_upstream_unary_calls_end_at_the_default_or_capped_deadli
 -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
 
-    use nix::sys::signal::Signal;
     use tests::process::SpawnedService;
 
     const DEFAULT: Duration = Duration::from_secs(2);
@@ -808,7 +807,7 @@ async fn spawned_frozen_upstream_unary_calls_end_at_the_default_or_capped_deadli
 
     // payment-svc frozen: a unary call without a deadline ends at the default, one asking
     // for an hour at the maximum — each well within the liveness bound, and counted.
-    payment.signal(Signal::SIGSTOP)?;
+    payment.freeze().await?;
     let balance = || pb::GetBalanceRequest {
         account_id: merchant.clone(),
     };
@@ -830,7 +829,7 @@ async fn spawned_frozen_upstream_unary_calls_end_at_the_default_or_capped_deadli
     assert_eq!(stats.capped.load(Relaxed), 2);
     assert_eq!(stats.exceeded.load(Relaxed), 2);
 
-    payment.signal(Signal::SIGCONT)?;
+    payment.resume()?;
     drop(stream);
     gateway.stop().await
 }

@@ -260,3 +260,96 @@ async fn released_jobs_come_back_and_expired_last_attempts_die() -> anyhow::Resu
     assert_eq!(state_of(&pool, id).await?, ("executing".to_owned(), 1));
     Ok(())
 }
+
+/// Holds the job's row lock (a fenced transaction) across several renewal periods, the
+/// way a handler's write transaction does, then finishes once a renewal went through.
+struct HoldsItsRowLock {
+    pool: PgPool,
+    hold: Duration,
+    counters: std::sync::Arc<jobs::runner::RunnerCounters>,
+}
+
+#[tonic::async_trait]
+impl jobs::runner::Handler for HoldsItsRowLock {
+    async fn perform(&self, claimed: &jobs::Claimed) -> JobOutcome {
+        let held = async {
+            let mut transaction = self.pool.begin().await?;
+            jobs::fence(&mut transaction, &claimed.job).await?;
+            tokio::time::sleep(self.hold).await;
+            transaction.commit().await?;
+            // The renewal that waited for the lock goes through now.
+            tokio::time::timeout(tests::LIVENESS, async {
+                while self
+                    .counters
+                    .renewals
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == 0
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await?;
+            anyhow::Ok(())
+        };
+        match held.await {
+            Ok(()) => JobOutcome::Ok,
+            Err(err) => JobOutcome::Retry(err.to_string()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_renewal_waiting_for_the_jobs_own_row_lock_does_not_stall_the_job() -> anyhow::Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let (database, _) = queue().await?;
+    // The service's own pool settings, with a lock timeout 10× the hold: a renewal that
+    // waited for the handler to commit succeeds; one that stalled the handler times out.
+    let mut config = database.payment_config();
+    config.lock_timeout = Duration::from_secs(5);
+    let pool = payment_svc::db::connect(&config).await?;
+    let lease = Duration::from_millis(600);
+    let id = enqueue(&pool, &new_job("pay_long_write", 3))
+        .await?
+        .unwrap_or_default();
+    let counters = Arc::new(jobs::runner::RunnerCounters::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(jobs::runner::run(
+        pool.clone(),
+        payment_svc::db::listener_pool(&config)?,
+        // Held for more than two renewal periods (lease / 3), so renewals fall inside.
+        Arc::new(HoldsItsRowLock {
+            pool: pool.clone(),
+            hold: lease * 5 / 6,
+            counters: Arc::clone(&counters),
+        }),
+        jobs::runner::RunnerConfig {
+            worker_id: "w1".to_owned(),
+            concurrency: 1,
+            lease,
+            poll_interval: Duration::from_millis(100),
+            backoff: BACKOFF,
+            drain_timeout: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            maintenance_interval: Duration::from_secs(3600),
+        },
+        Arc::clone(&counters),
+        stopped,
+    ));
+    tokio::time::timeout(tests::LIVENESS, async {
+        while counters.finished.load(Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    stop.send(true)?;
+    runner.await?;
+    assert_eq!(state_of(&pool, id).await?.0, "completed");
+    // The renewal waited for the commit instead of stalling the handler until its lock
+    // timeout.
+    assert_eq!(counters.renewal_failures.load(Relaxed), 0);
+    assert_eq!(counters.stale.load(Relaxed), 0);
+    Ok(())
+}

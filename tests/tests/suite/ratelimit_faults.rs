@@ -63,7 +63,7 @@ async fn spawned_frozen_redis_answers_by_failure_mode_and_recovers_after_restart
         assert_eq!(source(&decision), pb::DecisionSource::Store, "{decision:?}");
     }
 
-    redis.freeze()?;
+    redis.freeze().await?;
     // Load: eight callers per service, each several calls in a row.
     let mut load = tokio::task::JoinSet::new();
     for (mode, _, _, client) in &services {
@@ -223,7 +223,7 @@ async fn spawned_over_limit_cache_answers_large_costs_without_redis_until_retry_
 
     // With Redis frozen the cached refusal still comes back, at once; a cost below it
     // must ask Redis, which times out into the failure mode (open by default).
-    redis.freeze()?;
+    redis.freeze().await?;
     let cached =
         tokio::time::timeout(CALL_BOUND, check(&mut client, "hot", three_per_hour, 2)).await??;
     assert_eq!(source(&cached), pb::DecisionSource::Cache);

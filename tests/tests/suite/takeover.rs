@@ -218,12 +218,35 @@ async fn spawned_sigterm_during_processing_loses_nothing() -> anyhow::Result<()>
         .await?;
     assert_eq!(stuck, 0);
 
-    let (_second, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    let (second, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
     for id in &ids {
-        assert_eq!(
-            until_final(&alice, id).await?.status,
-            pb::PaymentStatus::Succeeded as i32
-        );
+        let payment = match until_final(&alice, id).await {
+            Ok(payment) => payment,
+            Err(err) => {
+                let jobs: Vec<(i64, String, String, i32, String)> = sqlx::query_as(
+                    "SELECT id, payment_id, state, attempt, last_error FROM jobs ORDER BY id",
+                )
+                .fetch_all(&mut owner)
+                .await?;
+                let payments: Vec<(String, String)> =
+                    sqlx::query_as("SELECT id, status FROM payments ORDER BY id")
+                        .fetch_all(&mut owner)
+                        .await?;
+                let attempts: Vec<(String, String, String, String)> = sqlx::query_as(
+                    "SELECT payment_id, kind, status, result_code FROM attempts ORDER BY created_at",
+                )
+                .fetch_all(&mut owner)
+                .await?;
+                anyhow::bail!(
+                    "{id} not final: {err}\njobs {jobs:#?}\npayments {payments:#?}\nattempts {attempts:#?}\nfirst:\n{}\n{}\nsecond:\n{}\n{}",
+                    first.stdout().joined(),
+                    first.stderr().joined(),
+                    second.stdout().joined(),
+                    second.stderr().joined()
+                );
+            }
+        };
+        assert_eq!(payment.status, pb::PaymentStatus::Succeeded as i32);
     }
     let operations = operations(&sandbox.endpoint(), "", 1000).await?;
     assert_eq!(
