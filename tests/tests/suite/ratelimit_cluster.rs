@@ -21,14 +21,14 @@ fn source(decision: &pb::Decision) -> pb::DecisionSource {
 }
 
 /// The limiter keys (`rl:{key}:…`) a node holds for `key`.
-async fn keys_on(node: &PrivateRedis, key: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn keys_on(node: &PrivateRedis, key: &str) -> anyhow::Result<Vec<String>> {
     node.query(::redis::cmd("KEYS").arg(format!("rl:{{{key}}}:*")))
         .await
 }
 
 /// Caller keys (`<prefix>-<n>`) with the node their slot lives on, `per_node` of them
 /// for each node.
-async fn keys_per_node(
+pub(crate) async fn keys_per_node(
     cluster: &RedisCluster,
     prefix: &str,
     per_node: usize,
@@ -77,20 +77,20 @@ async fn spawned_cluster_keeps_each_key_on_its_master_and_follows_a_moved_slot()
     for algorithm in ALGORITHMS {
         for (key, owner) in &keys_per_node(&cluster, &format!("{algorithm:?}"), 2).await? {
             for n in 0..3 {
-                let decision = check(&mut client, &key, three_per_hour(algorithm), 1).await?;
+                let decision = check(&mut client, key, three_per_hour(algorithm), 1).await?;
                 assert!(
                     decision.allowed && source(&decision) == pb::DecisionSource::Store,
                     "{key} #{n}: {decision:?}"
                 );
             }
-            let refused = check(&mut client, &key, three_per_hour(algorithm), 1).await?;
+            let refused = check(&mut client, key, three_per_hour(algorithm), 1).await?;
             assert_eq!(
                 (refused.allowed, source(&refused)),
                 (false, pb::DecisionSource::Store),
                 "{key}"
             );
             for (index, node) in cluster.nodes().iter().enumerate() {
-                let held = keys_on(node, &key).await?;
+                let held = keys_on(node, key).await?;
                 assert_eq!(
                     held.len(),
                     usize::from(index == *owner),
