@@ -134,3 +134,73 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        let key = service_kit::identity::SigningKey::generate("test")
+            .map(|key| key.public_key().to_string())
+            .unwrap_or_default();
+        let mut all = vec![("IDENTITY_PUBLIC_KEYS".to_owned(), key)];
+        all.extend(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        Env::from_pairs(all)
+    }
+
+    #[test]
+    fn redis_is_memory_one_server_or_cluster_seeds() {
+        let memory = Config::from_env(&env(&[("REDIS_URL", "")])).ok();
+        assert_eq!(memory.and_then(|config| config.redis_settings()), None);
+
+        let single = Config::from_env(&env(&[("REDIS_URL", "rediss://cache:6380")]))
+            .ok()
+            .and_then(|config| config.redis_settings());
+        assert_eq!(
+            single.map(|settings| (settings.urls, settings.cluster)),
+            Some((vec!["rediss://cache:6380".to_owned()], false))
+        );
+
+        let cluster = Config::from_env(&env(&[
+            ("REDIS_URL", "redis://a:6379, redis://b:6379,"),
+            ("REDIS_CLUSTER", "true"),
+            ("REDIS_TLS_CA_FILE", "/etc/redis/ca.pem"),
+        ]))
+        .ok()
+        .and_then(|config| config.redis_settings());
+        assert_eq!(
+            cluster.map(|settings| (settings.urls, settings.cluster, settings.tls_ca_file)),
+            Some((
+                vec!["redis://a:6379".to_owned(), "redis://b:6379".to_owned()],
+                true,
+                Some(std::path::PathBuf::from("/etc/redis/ca.pem"))
+            ))
+        );
+    }
+
+    #[test]
+    fn several_urls_without_cluster_are_refused_naming_the_variable() {
+        let refused = Config::from_env(&env(&[("REDIS_URL", "redis://a:1,redis://b:2")]))
+            .err()
+            .map(|err| err.to_string());
+        assert!(
+            refused.as_deref().is_some_and(
+                |message| message.starts_with("REDIS_URL") && !message.contains("redis://a")
+            ),
+            "{refused:?}"
+        );
+        let bad_flag = Config::from_env(&env(&[("REDIS_CLUSTER", "maybe")]))
+            .err()
+            .map(|err| err.to_string());
+        assert!(
+            bad_flag
+                .as_deref()
+                .is_some_and(|message| message.starts_with("REDIS_CLUSTER")),
+            "{bad_flag:?}"
+        );
+    }
+}

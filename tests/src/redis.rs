@@ -53,6 +53,7 @@ pub struct PrivateRedis {
     port: u16,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    tls: Option<TlsFiles>,
     child: Option<Child>,
 }
 
@@ -64,19 +65,63 @@ impl PrivateRedis {
 
     /// Starts a server with extra `redis-server` arguments (`--cluster-enabled yes`, …).
     pub async fn start_with(extra_args: &[&str]) -> anyhow::Result<Self> {
-        let mut redis = Self {
-            port: free_port()?,
-            dir: tempfile::tempdir()?,
-            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
-            child: None,
-        };
+        Self::start_inner(extra_args, None).await
+    }
+
+    /// Starts a server that speaks only TLS, with a certificate for 127.0.0.1 signed by a
+    /// CA made for it ([`PrivateRedis::ca_file`]); clients need no certificate.
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let files = write_certificates(dir.path())?;
+        let mut redis = Self::prepare(&[], Some(files))?;
+        redis.dir = dir;
         redis.spawn().await?;
         Ok(redis)
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    async fn start_inner(extra_args: &[&str], tls: Option<TlsFiles>) -> anyhow::Result<Self> {
+        let mut redis = Self::prepare(extra_args, tls)?;
+        redis.spawn().await?;
+        Ok(redis)
+    }
+
+    fn prepare(extra_args: &[&str], tls: Option<TlsFiles>) -> anyhow::Result<Self> {
+        Ok(Self {
+            port: free_port()?,
+            dir: tempfile::tempdir()?,
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            tls,
+            child: None,
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>`, or `rediss://` when it speaks TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The PEM file of the CA that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls.as_ref().map(|files| files.ca.clone())
+    }
+
+    /// A client for this server (trusting its CA when it speaks TLS).
+    pub fn client(&self) -> anyhow::Result<::redis::Client> {
+        Ok(match self.ca_file() {
+            Some(ca_file) => ::redis::Client::build_with_tls(
+                self.url(),
+                ::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca_file)?),
+                },
+            )?,
+            None => ::redis::Client::open(self.url())?,
+        })
     }
 
     /// Its port.
@@ -91,7 +136,7 @@ impl PrivateRedis {
 
     /// A fresh connection (a frozen server makes it wait: bound the calls).
     pub async fn connection(&self) -> anyhow::Result<::redis::aio::MultiplexedConnection> {
-        let client = ::redis::Client::open(self.url())?;
+        let client = self.client()?;
         let connection = tokio::time::timeout(LIVENESS, client.get_multiplexed_async_connection())
             .await
             .with_context(|| format!("connecting to {}", self.address()))??;
@@ -160,8 +205,22 @@ impl PrivateRedis {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let binary = provided(ENV_REDIS_SERVER)?;
         let log = self.dir.path().join("redis.log");
-        let child = Command::new(&binary)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new(&binary);
+        if let Some(files) = &self.tls {
+            command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&files.cert)
+                .arg("--tls-key-file")
+                .arg(&files.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&files.ca)
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -198,7 +257,7 @@ impl PrivateRedis {
 
     async fn ping(&self) -> bool {
         let attempt = async {
-            let client = ::redis::Client::open(self.url())?;
+            let client = self.client()?;
             let mut connection = client.get_multiplexed_async_connection().await?;
             let pong: String = ::redis::cmd("PING").query_async(&mut connection).await?;
             anyhow::Ok(pong == "PONG")
@@ -218,6 +277,8 @@ impl PrivateRedis {
 #[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<PrivateRedis>,
+    /// The CA and the nodes' certificate, with TLS.
+    _certificates: Option<tempfile::TempDir>,
 }
 
 /// Number of hash slots of a Redis Cluster.
@@ -227,30 +288,63 @@ impl RedisCluster {
     /// Starts three cluster-enabled servers, joins them with `redis-cli --cluster create`
     /// (slots split evenly) and waits until every node reports `cluster_state:ok`.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_inner(false).await
+    }
+
+    /// [`RedisCluster::start`] with TLS everywhere: clients and the cluster bus
+    /// (`tls-cluster`), one CA for every node ([`RedisCluster::ca_file`]).
+    pub async fn start_tls() -> anyhow::Result<Self> {
+        Self::start_inner(true).await
+    }
+
+    async fn start_inner(tls: bool) -> anyhow::Result<Self> {
+        let certificates = if tls {
+            Some(tempfile::tempdir()?)
+        } else {
+            None
+        };
+        let files = match &certificates {
+            Some(dir) => Some(write_certificates(dir.path())?),
+            None => None,
+        };
         let mut nodes = Vec::new();
         for _ in 0..3 {
             // The bus port defaults to port + 10000, which may not exist above 55535.
             let bus_port = free_port()?.to_string();
+            let tls_args: &[&str] = if tls {
+                &["--tls-cluster", "yes", "--tls-replication", "yes"]
+            } else {
+                &[]
+            };
             nodes.push(
-                PrivateRedis::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus_port,
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "5000",
-                    // A master killed and restarted by a test must not stop the others
-                    // from serving their own slots.
-                    "--cluster-require-full-coverage",
-                    "no",
-                ])
+                PrivateRedis::start_inner(
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus_port,
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                        // A master killed and restarted by a test must not stop the others
+                        // from serving their own slots.
+                        "--cluster-require-full-coverage",
+                        "no",
+                    ]
+                    .into_iter()
+                    .chain(tls_args.iter().copied())
+                    .collect::<Vec<_>>(),
+                    files.clone(),
+                )
                 .await?,
             );
         }
         let cli = provided(ENV_REDIS_CLI)?;
         let mut create = Command::new(&cli);
+        if let Some(ca_file) = nodes.first().and_then(PrivateRedis::ca_file) {
+            create.arg("--tls").arg("--cacert").arg(ca_file);
+        }
         create
             .args(["--cluster", "create"])
             .args(nodes.iter().map(PrivateRedis::address))
@@ -267,9 +361,17 @@ impl RedisCluster {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let cluster = Self { nodes };
+        let cluster = Self {
+            nodes,
+            _certificates: certificates,
+        };
         cluster.wait_until_ok().await?;
         Ok(cluster)
+    }
+
+    /// The PEM file of the CA of a TLS cluster's certificate.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.nodes.first().and_then(PrivateRedis::ca_file)
     }
 
     /// The nodes, in start order.
@@ -434,6 +536,48 @@ impl RedisCluster {
     pub fn log_of(&self, index: usize) -> String {
         tail(&self.nodes[index].directory().join("redis.log"))
     }
+}
+
+/// A TLS server's files: the CA, and the certificate (for 127.0.0.1) it signed.
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+/// Writes a CA and a certificate for 127.0.0.1 signed by it into `dir`.
+fn write_certificates(dir: &Path) -> anyhow::Result<TlsFiles> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "paysuite test Redis CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let server_key = KeyPair::generate()?;
+    let mut server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    let server = server_params.signed_by(&server_key, &ca)?;
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&files.ca, ca.pem())?;
+    std::fs::write(&files.cert, server.pem())?;
+    std::fs::write(&files.key, server_key.serialize_pem())?;
+    Ok(files)
 }
 
 /// A counter from `INFO` text: the `calls` of a `cmdstat_*` line, the `count` of an

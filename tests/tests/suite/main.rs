@@ -19,6 +19,7 @@ mod ratelimit;
 mod ratelimit_cluster;
 mod ratelimit_distributed;
 mod ratelimit_faults;
+mod ratelimit_tls;
 mod reconcile;
 mod reflection;
 mod shutdown;

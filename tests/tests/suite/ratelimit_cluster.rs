@@ -1,6 +1,7 @@
 //! ratelimit-svc on a Redis Cluster of three masters (private processes): hash-tagged
 //! keys of every algorithm live on their slot's master, a slot moved to another master
-//! is followed (MOVED) with its state, and scripts survive a master's restart (NOSCRIPT).
+//! is followed (MOVED) with its state, scripts survive a master's restart (NOSCRIPT), and a
+//! frozen master costs its callers only the deadline.
 
 use std::time::Duration;
 
@@ -21,14 +22,14 @@ fn source(decision: &pb::Decision) -> pb::DecisionSource {
 }
 
 /// The limiter keys (`rl:{key}:…`) a node holds for `key`.
-async fn keys_on(node: &PrivateRedis, key: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn keys_on(node: &PrivateRedis, key: &str) -> anyhow::Result<Vec<String>> {
     node.query(::redis::cmd("KEYS").arg(format!("rl:{{{key}}}:*")))
         .await
 }
 
 /// Caller keys (`<prefix>-<n>`) with the node their slot lives on, `per_node` of them
 /// for each node.
-async fn keys_per_node(
+pub(crate) async fn keys_per_node(
     cluster: &RedisCluster,
     prefix: &str,
     per_node: usize,
@@ -215,6 +216,64 @@ async fn spawned_cluster_reloads_scripts_after_a_master_restart_and_a_flush() ->
             "one NOSCRIPT per script on {}",
             node.address()
         );
+    }
+    service.stop().await
+}
+
+#[tokio::test]
+async fn spawned_cluster_frozen_master_answers_by_failure_mode_and_recovers() -> anyhow::Result<()>
+{
+    let cluster = RedisCluster::start().await?;
+    let urls = cluster.urls();
+    let (service, counters) = tests::services::ratelimit_counted(move |config| {
+        config.redis_url = Some(urls);
+        config.redis_cluster = true;
+        config.redis_timeout = Duration::from_millis(100);
+        config.failure_mode = ratelimit_svc::guard::FailureMode::Closed;
+        config.redis_breaker.max_backoff = Duration::from_secs(1);
+    })
+    .await?;
+    let mut client = client(service.endpoint()).await?;
+    let a_lot = limit(1_000, Duration::from_secs(3600), pb::Algorithm::Gcra);
+    let keys = keys_per_node(&cluster, "frozen", 1).await?;
+    for (key, _) in &keys {
+        let decision = check(&mut client, key, a_lot, 1).await?;
+        assert_eq!(source(&decision), pb::DecisionSource::Store, "{key}");
+    }
+
+    // One master stops answering: calls on its slots end at the deadline, refused.
+    let (key, frozen) = keys[0].clone();
+    cluster.nodes()[frozen].freeze()?;
+    let bound = Duration::from_secs(5);
+    for _ in 0..10 {
+        let decision = tokio::time::timeout(bound, check(&mut client, &key, a_lot, 1))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {bound:?}"))??;
+        assert_eq!(
+            (decision.allowed, source(&decision)),
+            (false, pb::DecisionSource::FailClosed)
+        );
+    }
+    let counted = counters.values();
+    assert!(
+        counted.store_errors > 0 && counted.fail_closed == 10 && counted.fail_open == 0,
+        "{counted:?}"
+    );
+
+    cluster.nodes()[frozen].resume()?;
+    for (key, _) in &keys {
+        let decision = tokio::time::timeout(tests::LIVENESS, async {
+            loop {
+                let decision = check(&mut client, key, a_lot, 1).await?;
+                if source(&decision) == pb::DecisionSource::Store {
+                    return anyhow::Ok(decision);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("{key}: no store decision within {:?}", tests::LIVENESS))??;
+        assert!(decision.allowed, "{key}: {decision:?}");
     }
     service.stop().await
 }
