@@ -132,3 +132,87 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINES: Deadlines = Deadlines {
+        default: Duration::from_secs(10),
+        max: Duration::from_secs(60),
+    };
+
+    type Seen = Arc<std::sync::Mutex<Option<CallDeadline>>>;
+
+    /// A stage that never answers, recording the deadline it was given.
+    fn frozen() -> (crate::proxy::GrpcService, Seen) {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let record = Arc::clone(&seen);
+        let service = tower::service_fn(move |request: Request<tonic::body::Body>| {
+            if let Ok(mut seen) = record.lock() {
+                *seen = request.extensions().get::<CallDeadline>().copied();
+            }
+            Box::pin(std::future::pending()) as GrpcFuture
+        });
+        (crate::proxy::GrpcService::new(service), seen)
+    }
+
+    fn request(path: &str, timeout: Option<&'static str>) -> Request<tonic::body::Body> {
+        let mut request = Request::new(tonic::body::Body::empty());
+        *request.uri_mut() = path.parse().unwrap_or_default();
+        if let Some(timeout) = timeout {
+            request
+                .headers_mut()
+                .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+        }
+        request
+    }
+
+    async fn code_after(
+        path: &str,
+        timeout: Option<&'static str>,
+        stats: &Arc<DeadlineStats>,
+    ) -> (Option<String>, Option<Duration>) {
+        let (inner, seen) = frozen();
+        let mut service = DeadlineLayer::new(DEADLINES, Arc::clone(stats)).layer(inner);
+        let started = Instant::now();
+        let call = service.call(request(path, timeout));
+        // Time is paused: the runtime jumps to the next timer once everything waits.
+        let answer = tokio::time::timeout(Duration::from_secs(3600), call).await;
+        let code = answer.ok().and_then(|response| {
+            let response = response.ok()?;
+            let status = response.headers().get("grpc-status")?;
+            status.to_str().ok().map(str::to_owned)
+        });
+        let given = seen
+            .lock()
+            .ok()
+            .and_then(|seen| *seen)
+            .map(|deadline| deadline.at - started);
+        (code, given)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unary_calls_get_the_default_or_the_cap_and_streams_none() {
+        let stats = Arc::new(DeadlineStats::default());
+        let unary = "/paysuite.payments.v1.PaymentService/GetPayment";
+        assert_eq!(
+            code_after(unary, None, &stats).await,
+            (Some("4".to_owned()), Some(DEADLINES.default))
+        );
+        assert_eq!(
+            code_after(unary, Some("2H"), &stats).await,
+            (Some("4".to_owned()), Some(DEADLINES.max))
+        );
+        assert_eq!(
+            code_after(unary, Some("1500m"), &stats).await,
+            (Some("4".to_owned()), Some(Duration::from_millis(1500)))
+        );
+        // A stream is never cut by the gateway: it is still waiting after an hour.
+        let stream = "/paysuite.payments.v1.PaymentService/WatchBalance";
+        assert_eq!(code_after(stream, None, &stats).await, (None, None));
+        assert_eq!(stats.defaulted.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.capped.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.exceeded.load(Ordering::Relaxed), 3);
+    }
+}

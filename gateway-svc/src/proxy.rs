@@ -336,3 +336,33 @@ fn trailers(status: &Status) -> HeaderMap {
     trailers.remove(http::header::CONTENT_TYPE);
     trailers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_is_whole_milliseconds_rounded_up_within_eight_digits() {
+        let header = |d| {
+            grpc_timeout(d)
+                .to_str()
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert_eq!(header(Duration::from_millis(1500)), "1500m");
+        assert_eq!(header(Duration::from_micros(1)), "1m");
+        assert_eq!(header(Duration::from_micros(2_001)), "3m");
+        assert_eq!(header(Duration::from_secs(365 * 24 * 3600)), "99999999m");
+    }
+
+    #[test]
+    fn a_status_becomes_trailers_without_a_content_type() {
+        let trailers = trailers(&Status::resource_exhausted("too big"));
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"8"[..])
+        );
+        assert!(trailers.contains_key("grpc-message"));
+        assert!(!trailers.contains_key(http::header::CONTENT_TYPE));
+    }
+}
