@@ -110,7 +110,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
         xtask: context.xtask(),
         pinning,
         load: load(&noop_address, "any"),
-        before_run: None,
+        redis: None,
         signing_key: None,
         pids: vec![noop.pid()],
         evalsha_calls: Vec::new(),
@@ -120,7 +120,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
         xtask: context.xtask(),
         pinning,
         load: load(&subject_address, "store"),
-        before_run: Some(&redis),
+        redis: Some(&redis),
         signing_key: Some(signing_key),
         pids: vec![subject.pid(), redis.pid],
         evalsha_calls: Vec::new(),
@@ -265,7 +265,7 @@ struct GeneratorTarget<'a> {
     pinning: pin::Pinning,
     load: LoadRun,
     /// Redis to flush (and whose EVALSHA counter to read) around each run.
-    before_run: Option<&'a RedisControl>,
+    redis: Option<&'a RedisControl>,
     /// Mints a fresh identity token for each run (so no run outlives its token).
     signing_key: Option<SigningKey>,
     /// The processes under test, whose CPU use each run reports.
@@ -280,7 +280,7 @@ impl GeneratorTarget<'_> {
         protocol: &Protocol,
         interrupted: &Interrupted,
     ) -> anyhow::Result<Measurement> {
-        if let Some(redis) = self.before_run {
+        if let Some(redis) = self.redis {
             redis.reset()?;
         }
         let mut load = self.load.clone();
@@ -305,7 +305,7 @@ impl GeneratorTarget<'_> {
             )
         })?;
         measurement.subject_cpu = Some(cpu);
-        if let Some(redis) = self.before_run {
+        if let Some(redis) = self.redis {
             self.evalsha_calls.push(redis.evalsha_calls()?);
         }
         Ok(measurement)
