@@ -243,7 +243,7 @@ async fn spawned_cluster_frozen_master_answers_by_failure_mode_and_recovers() ->
 
     // One master stops answering: calls on its slots end at the deadline, refused.
     let (key, frozen) = keys[0].clone();
-    cluster.nodes()[frozen].freeze()?;
+    cluster.nodes()[frozen].freeze().await?;
     let bound = Duration::from_secs(5);
     for _ in 0..10 {
         let decision = tokio::time::timeout(bound, check(&mut client, &key, a_lot, 1))
