@@ -5,7 +5,8 @@
 //!   UNAUTHENTICATED; scope not held → PERMISSION_DENIED. The key itself never goes
 //!   upstream.
 //! - [`MintIdentity`]: the identity token the upstream trusts (`x-paysuite-identity`,
-//!   for the cluster's audience, living [`GATEWAY_TOKEN_TTL`]).
+//!   for the cluster's audience, living `GATEWAY_TOKEN_TTL`; one per caller and audience
+//!   is reused for half its lifetime, see [`Minter`]).
 //! - [`strip_internal_headers`]: clients cannot send `x-paysuite-*` headers: whatever
 //!   they sent is removed before anything reads the request, so a forged identity never
 //!   reaches an upstream.
@@ -15,8 +16,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderValue, Request, Response};
-use service_kit::identity::{GATEWAY_TOKEN_TTL, IDENTITY_HEADER, SigningKey};
+use http::{HeaderMap, Request, Response};
+use service_kit::identity::{IDENTITY_HEADER, Minter};
 use tonic::Status;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -142,15 +143,15 @@ fn refuse(status: &Status) -> GrpcFuture {
 /// Adds [`MintIdentity`] to a stack.
 #[derive(Debug, Clone)]
 pub struct MintIdentityLayer {
-    signing_key: Arc<SigningKey>,
+    minter: Arc<Minter>,
     audience: Arc<str>,
 }
 
 impl MintIdentityLayer {
-    /// Mints with `signing_key` for `audience`.
-    pub fn new(signing_key: Arc<SigningKey>, audience: &str) -> Self {
+    /// Mints (or reuses, see [`Minter`]) tokens for `audience`.
+    pub fn new(minter: Arc<Minter>, audience: &str) -> Self {
         Self {
-            signing_key,
+            minter,
             audience: audience.into(),
         }
     }
@@ -162,7 +163,7 @@ impl<S> Layer<S> for MintIdentityLayer {
     fn layer(&self, inner: S) -> Self::Service {
         MintIdentity {
             inner,
-            signing_key: Arc::clone(&self.signing_key),
+            minter: Arc::clone(&self.minter),
             audience: Arc::clone(&self.audience),
         }
     }
@@ -172,7 +173,7 @@ impl<S> Layer<S> for MintIdentityLayer {
 #[derive(Debug, Clone)]
 pub struct MintIdentity<S> {
     inner: S,
-    signing_key: Arc<SigningKey>,
+    minter: Arc<Minter>,
     audience: Arc<str>,
 }
 
@@ -199,19 +200,11 @@ where
             return refuse(&Status::unauthenticated("missing API key"));
         };
         let scopes: Vec<String> = caller.scopes.iter().cloned().collect();
-        let token = self.signing_key.mint(
-            &caller.principal,
-            &scopes,
-            &self.audience,
-            GATEWAY_TOKEN_TTL,
-        );
-        match HeaderValue::from_str(&token) {
-            Ok(value) => {
-                request.headers_mut().insert(IDENTITY_HEADER, value);
-                self.inner.call(request)
-            }
-            Err(_) => refuse(&Status::internal("internal error")),
-        }
+        let token = self
+            .minter
+            .token(&caller.principal, &scopes, &self.audience);
+        request.headers_mut().insert(IDENTITY_HEADER, token);
+        self.inner.call(request)
     }
 }
 

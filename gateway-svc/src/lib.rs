@@ -50,6 +50,8 @@ use tower_service::Service;
 
 pub use config::Config;
 
+use service_kit::identity::{GATEWAY_TOKEN_TTL, Minter};
+
 use crate::auth::{AuthenticateLayer, MintIdentityLayer};
 use crate::config::Listener;
 use crate::deadline::{DeadlineLayer, DeadlineStats};
@@ -104,6 +106,10 @@ impl Gateway {
             keepalive_timeout: config.limits.keepalive_timeout,
         };
         let mut routes: HashMap<String, GrpcService> = HashMap::new();
+        let minter = Arc::new(Minter::new(
+            Arc::clone(&config.signing_key),
+            GATEWAY_TOKEN_TTL,
+        ));
         for cluster in config.routes.clusters() {
             let endpoints = cluster
                 .endpoints
@@ -117,7 +123,7 @@ impl Gateway {
                 .layer(AuthenticateLayer::new(keys.clone()))
                 // What the upstream trusts: an identity token for its audience.
                 .layer(MintIdentityLayer::new(
-                    Arc::clone(&config.signing_key),
+                    Arc::clone(&minter),
                     &cluster.audience,
                 ))
                 // Unary calls get a bounded deadline; the rest of it travels upstream.

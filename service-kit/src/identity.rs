@@ -11,6 +11,11 @@
 //! is verified, in order: the header names `EdDSA` and a known `kid`; the signature; the
 //! audience; `iat`/`exp` against the clock with a leeway; and a lifetime no longer than
 //! the verifier's maximum.
+//!
+//! A verified token is remembered (a bounded cache keyed by the whole token): the same
+//! bytes verify the same way until they expire, and the gateway reuses a token for many
+//! calls, so the signature check — the expensive step — runs once per token instead of
+//! once per call. Only the clock checks run again on a hit.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -190,6 +195,92 @@ impl SigningKey {
     }
 }
 
+/// Mints the gateway's tokens and reuses each while more than half its lifetime remains:
+/// a caller making many calls carries one token per half lifetime — one signature here and
+/// one verification upstream ([`Verifier`] remembers verified tokens) — instead of one per
+/// call. Debug never shows a token.
+pub struct Minter {
+    key: std::sync::Arc<SigningKey>,
+    ttl: Duration,
+    minted: quick_cache::sync::Cache<MintedFor, std::sync::Arc<Minted>>,
+}
+
+/// Who a token was minted for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MintedFor {
+    principal: String,
+    scopes: Vec<String>,
+    audience: String,
+}
+
+#[derive(Debug)]
+struct Minted {
+    token: http::HeaderValue,
+    /// When to mint a fresh one (seconds since the epoch): half the lifetime in.
+    refresh_at: i64,
+}
+
+/// Token sets a minter remembers at most (one per caller and audience).
+const MINTED_CAPACITY: usize = 10_000;
+
+impl fmt::Debug for Minter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Minter")
+            .field("key", &self.key)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Minter {
+    /// Mints with `key`, tokens living `ttl`.
+    pub fn new(key: std::sync::Arc<SigningKey>, ttl: Duration) -> Self {
+        Self {
+            key,
+            ttl,
+            minted: quick_cache::sync::Cache::new(MINTED_CAPACITY),
+        }
+    }
+
+    /// A token for `principal` with `scopes`, for `audience`, as a header value: the one
+    /// minted before while it has more than half its lifetime left, else a fresh one.
+    pub fn token(&self, principal: &str, scopes: &[String], audience: &str) -> http::HeaderValue {
+        self.token_at(principal, scopes, audience, unix_now())
+    }
+
+    fn token_at(
+        &self,
+        principal: &str,
+        scopes: &[String],
+        audience: &str,
+        now: i64,
+    ) -> http::HeaderValue {
+        let key = MintedFor {
+            principal: principal.to_owned(),
+            scopes: scopes.to_vec(),
+            audience: audience.to_owned(),
+        };
+        if let Some(minted) = self.minted.get(&key)
+            && now < minted.refresh_at
+        {
+            return minted.token.clone();
+        }
+        let token = self.key.mint_at(principal, scopes, audience, now, self.ttl);
+        // A compact JWS is base64url and dots: always a valid header value.
+        let token = http::HeaderValue::try_from(token)
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        let half = i64::try_from(self.ttl.as_secs() / 2).unwrap_or(i64::MAX);
+        self.minted.insert(
+            key,
+            std::sync::Arc::new(Minted {
+                token: token.clone(),
+                refresh_at: now.saturating_add(half),
+            }),
+        );
+        token
+    }
+}
+
 /// An Ed25519 public key with its key id.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PublicKey {
@@ -229,12 +320,36 @@ impl std::str::FromStr for PublicKey {
     }
 }
 
-/// Verifies tokens for one audience against a set of public keys.
-#[derive(Debug, Clone)]
+/// Tokens a verifier remembers at most.
+const VERIFIED_CAPACITY: usize = 10_000;
+
+/// What a verified token said, for the clock checks that run again on every use.
+#[derive(Debug)]
+struct Verified {
+    identity: Identity,
+    iat: i64,
+    exp: i64,
+}
+
+/// Verifies tokens for one audience against a set of public keys. Clones share the cache
+/// of verified tokens.
+#[derive(Clone)]
 pub struct Verifier {
     keys: BTreeMap<String, ed25519_dalek::VerifyingKey>,
     audience: String,
     max_ttl: Duration,
+    verified: std::sync::Arc<quick_cache::sync::Cache<String, std::sync::Arc<Verified>>>,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the cache: its keys are bearer tokens.
+        f.debug_struct("Verifier")
+            .field("kids", &self.keys.keys().collect::<Vec<_>>())
+            .field("audience", &self.audience)
+            .field("max_ttl", &self.max_ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Verifier {
@@ -248,6 +363,7 @@ impl Verifier {
             keys: keys.into_iter().map(|k| (k.kid, k.key)).collect(),
             audience: audience.to_owned(),
             max_ttl,
+            verified: std::sync::Arc::new(quick_cache::sync::Cache::new(VERIFIED_CAPACITY)),
         }
     }
 
@@ -267,6 +383,21 @@ impl Verifier {
 
     /// Verifies `token` at `now` (seconds since the epoch).
     pub fn verify_at(&self, token: &str, now: i64) -> Result<Identity, IdentityError> {
+        if let Some(verified) = self.verified.get(token) {
+            check_clock(verified.iat, verified.exp, now)?;
+            return Ok(verified.identity.clone());
+        }
+        let verified = self.verify_signed(token)?;
+        check_clock(verified.iat, verified.exp, now)?;
+        let identity = verified.identity.clone();
+        self.verified
+            .insert(token.to_owned(), std::sync::Arc::new(verified));
+        Ok(identity)
+    }
+
+    /// Everything that does not depend on the clock: the header, the signature, the
+    /// audience, the lifetime and the subject.
+    fn verify_signed(&self, token: &str) -> Result<Verified, IdentityError> {
         let mut parts = token.split('.');
         let (Some(header), Some(claims), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -294,25 +425,34 @@ impl Verifier {
         if claims.aud != self.audience {
             return Err(IdentityError::WrongAudience);
         }
-        let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(i64::MAX);
-        if claims.exp.saturating_add(leeway) <= now {
-            return Err(IdentityError::Expired);
-        }
         let max_ttl = i64::try_from(self.max_ttl.as_secs()).unwrap_or(i64::MAX);
-        if claims.iat > now.saturating_add(leeway)
-            || claims.exp <= claims.iat
-            || claims.exp - claims.iat > max_ttl
-        {
+        if claims.exp <= claims.iat || claims.exp - claims.iat > max_ttl {
             return Err(IdentityError::BadLifetime);
         }
         if claims.sub.is_empty() {
             return Err(IdentityError::Malformed);
         }
-        Ok(Identity {
-            principal: claims.sub,
-            scopes: claims.scopes.into_iter().collect(),
+        Ok(Verified {
+            identity: Identity {
+                principal: claims.sub,
+                scopes: claims.scopes.into_iter().collect(),
+            },
+            iat: claims.iat,
+            exp: claims.exp,
         })
     }
+}
+
+/// A token's `iat`/`exp` against the clock, with the leeway.
+fn check_clock(iat: i64, exp: i64, now: i64) -> Result<(), IdentityError> {
+    let leeway = i64::try_from(LEEWAY.as_secs()).unwrap_or(i64::MAX);
+    if exp.saturating_add(leeway) <= now {
+        return Err(IdentityError::Expired);
+    }
+    if iat > now.saturating_add(leeway) {
+        return Err(IdentityError::BadLifetime);
+    }
+    Ok(())
 }
 
 /// `IDENTITY_PUBLIC_KEYS`: comma-separated `kid:base64url` Ed25519 public keys.
@@ -547,6 +687,56 @@ mod tests {
             verifier.verify_at(&other, now),
             Err(IdentityError::WrongAudience)
         );
+    }
+
+    #[test]
+    fn a_remembered_token_still_meets_the_clock() {
+        let signing = key("k");
+        let verifier = Verifier::new([signing.public_key()], "svc", HOUR);
+        let now = 1_800_000_000;
+        let token = signing.mint_at("p", &[], "svc", now, Duration::from_secs(60));
+        assert!(verifier.verify_at(&token, now).is_ok());
+        // The second use is answered from the cache, by a clone too, and still expires.
+        assert!(verifier.clone().verify_at(&token, now + 30).is_ok());
+        assert_eq!(
+            verifier.verify_at(&token, now + 66),
+            Err(IdentityError::Expired)
+        );
+        assert_eq!(
+            verifier.verify_at(&token, now - 10),
+            Err(IdentityError::BadLifetime),
+            "not yet issued"
+        );
+        assert!(!format!("{verifier:?}").contains(&token));
+    }
+
+    #[test]
+    fn a_minter_reuses_a_token_for_half_its_lifetime() -> anyhow::Result<()> {
+        let signing = std::sync::Arc::new(key("k"));
+        let verifier = Verifier::new([signing.public_key()], "svc", HOUR);
+        let minter = Minter::new(std::sync::Arc::clone(&signing), Duration::from_secs(60));
+        let now = 1_800_000_000;
+        let read = scopes(&["payments:read"]);
+        let first = minter.token_at("alice", &read, "svc", now);
+        assert_eq!(minter.token_at("alice", &read, "svc", now + 29), first);
+        let fresh = minter.token_at("alice", &read, "svc", now + 30);
+        assert_ne!(fresh, first, "re-minted half-way through its lifetime");
+        let verified = verifier.verify_at(fresh.to_str()?, now + 30)?;
+        assert_eq!(verified.principal, "alice");
+        assert_eq!(verified.scopes, read.iter().cloned().collect());
+        // Another caller, other scopes or another audience never share a token.
+        for (principal, scopes, audience) in [
+            ("bob", read.clone(), "svc"),
+            ("alice", Vec::new(), "svc"),
+            ("alice", read.clone(), "other"),
+        ] {
+            assert_ne!(
+                minter.token_at(principal, &scopes, audience, now + 30),
+                fresh
+            );
+        }
+        assert!(!format!("{minter:?}").contains(fresh.to_str()?));
+        Ok(())
     }
 
     #[test]
