@@ -123,14 +123,53 @@ struct CachedRefusal {
     decision: Decision,
 }
 
+/// Cached refusals by key (looked up by `&str`, without an allocation), then by limit (a
+/// key has few).
+type Refusals = HashMap<String, Vec<(Limit, CachedRefusal)>>;
+
 /// The store with its breaker, cache and failure modes; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Limiter {
     store: Store,
     breaker: CircuitBreaker,
-    refusals: Arc<Mutex<HashMap<(String, Limit), CachedRefusal>>>,
+    refusals: Arc<Mutex<Refusals>>,
     counters: Arc<Counters>,
     clock: Arc<dyn Clock>,
+    failure_log: Arc<FailureLog>,
+}
+
+/// How often a failing store is logged at most; the calls in between are counted.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Store failures logged at most once per [`FAILURE_LOG_INTERVAL`] — an outage fails every
+/// call, and a line per call would bury everything else (the counters keep the total).
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// When the last line was written.
+    last: Mutex<Option<Instant>>,
+    /// Failures since then that were not logged.
+    suppressed: AtomicU64,
+}
+
+impl FailureLog {
+    fn record(&self, err: &crate::store::StoreError, mode: FailureMode) {
+        let now = Instant::now();
+        {
+            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| now.duration_since(at) < FAILURE_LOG_INTERVAL) {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *last = Some(now);
+        }
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            error = %err,
+            failure_mode = ?mode,
+            unlogged_since_last = suppressed,
+            "rate limit store failed"
+        );
+    }
 }
 
 impl Limiter {
@@ -142,6 +181,7 @@ impl Limiter {
             refusals: Arc::default(),
             counters,
             clock: Arc::new(SystemClock),
+            failure_log: Arc::default(),
         }
     }
 
@@ -183,7 +223,7 @@ impl Limiter {
             Err(err) => {
                 permit.failure();
                 Counters::bump(&self.counters.store_errors);
-                tracing::warn!(error = %err, failure_mode = ?mode, "rate limit store failed");
+                self.failure_log.record(&err, mode);
                 self.fallback(limit, cost, mode, Duration::ZERO)
             }
         }
@@ -231,9 +271,10 @@ impl Limiter {
             .refusals
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Looking up by a borrowed key would need a custom Borrow impl; an allocation per
-        // lookup is cheaper than a store round trip and only happens while keys are hot.
-        let refusal = refusals.get(&(key.to_owned(), *limit))?;
+        let (_, refusal) = refusals
+            .get(key)?
+            .iter()
+            .find(|(cached, _)| cached == limit)?;
         if now >= refusal.until || asked < refusal.cost {
             return None;
         }
@@ -263,17 +304,18 @@ impl Limiter {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if refusals.len() > CACHE_SWEEP_ABOVE {
-            refusals.retain(|_, cached| cached.until > now);
+            refusals.retain(|_, cached| {
+                cached.retain(|(_, refusal)| refusal.until > now);
+                !cached.is_empty()
+            });
         }
-        refusals
-            .entry((key.to_owned(), *limit))
-            .and_modify(|cached| {
-                // The smaller refused cost covers more requests.
-                if cached.until <= now || asked <= cached.cost {
-                    *cached = refusal;
-                }
-            })
-            .or_insert(refusal);
+        let cached = refusals.entry(key.to_owned()).or_default();
+        match cached.iter_mut().find(|(cached, _)| cached == limit) {
+            // The smaller refused cost covers more requests.
+            Some((_, cached)) if cached.until <= now || asked <= cached.cost => *cached = refusal,
+            Some(_) => {}
+            None => cached.push((*limit, refusal)),
+        }
     }
 }
 
