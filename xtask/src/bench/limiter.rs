@@ -199,7 +199,9 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
         ),
         format!(
             "The no-op service does no validation, identity check or store call; ratelimit-svc \
-             verifies an Ed25519 identity token on every call, validates, and runs the \
+             checks the identity token on every call (its Ed25519 signature once, then from \
+             the cache of verified tokens; the generator reuses one token as the gateway \
+             does), validates, and runs the \
              sliding-window script (script SHA `{sha}`) through its guard (deadline, breaker, \
              over-limit cache)."
         ),
