@@ -256,7 +256,10 @@ fn rate_limiting_from_env(env: &Env) -> Result<Option<RateLimiting>, ConfigError
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| ConfigError::new(ENV_RATELIMIT_SVC_ADDR, err))?;
     if endpoints.is_empty() {
-        return Err(ConfigError::new(ENV_RATELIMIT_SVC_ADDR, "names no endpoint"));
+        return Err(ConfigError::new(
+            ENV_RATELIMIT_SVC_ADDR,
+            "names no endpoint",
+        ));
     }
     let mut settings = RateLimiting::new(endpoints);
     if let Some(domain) = env.raw(ENV_RATELIMIT_DOMAIN) {

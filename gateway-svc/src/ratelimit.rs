@@ -582,7 +582,10 @@ mod tests {
         // Equal remaining: the one resetting last.
         let answer = response(
             RlsCode::Ok,
-            vec![status(RlsCode::Ok, 5, 2, 1_000), status(RlsCode::Ok, 9, 2, 9_000)],
+            vec![
+                status(RlsCode::Ok, 5, 2, 1_000),
+                status(RlsCode::Ok, 9, 2, 9_000),
+            ],
         );
         assert!(matches!(verdict(&answer), Verdict::Allowed(Some(q)) if q.descriptor == 1));
         // No rule anywhere: admitted without figures.
@@ -642,10 +645,7 @@ mod tests {
             .map(|failure| failure.violations.clone())
             .unwrap_or_default();
         assert_eq!(violations.len(), 1);
-        assert_eq!(
-            violations[0].subject,
-            "principal:acme/group:payments:write"
-        );
+        assert_eq!(violations[0].subject, "principal:acme/group:payments:write");
         assert!(violations[0].description.contains("tier standard"));
         assert_eq!(
             details.retry_info().and_then(|info| info.retry_delay),
