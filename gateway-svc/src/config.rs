@@ -347,3 +347,71 @@ fn signing_key_from_env(env: &Env) -> Result<SigningKey, ConfigError> {
     };
     SigningKey::parse(&text).map_err(|err| ConfigError::new(variable, err))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate_limiting(pairs: &[(&str, &str)]) -> Result<Option<RateLimiting>, ConfigError> {
+        rate_limiting_from_env(&Env::from_pairs(pairs.iter().copied()))
+    }
+
+    #[test]
+    fn rate_limiting_is_on_only_with_an_address_and_not_disabled() -> anyhow::Result<()> {
+        assert_eq!(rate_limiting(&[])?, None);
+        let addr = (
+            ENV_RATELIMIT_SVC_ADDR,
+            "http://rl-0:50053, http://rl-1:50053",
+        );
+        assert_eq!(
+            rate_limiting(&[addr, (ENV_RATELIMIT_ENABLED, "false")])?,
+            None
+        );
+        let defaults = rate_limiting(&[addr])?.unwrap_or_else(|| RateLimiting::new(Vec::new()));
+        assert_eq!(defaults.endpoints.len(), 2);
+        assert_eq!(defaults.domain, DEFAULT_RATELIMIT_DOMAIN);
+        assert_eq!(defaults.timeout, DEFAULT_RATELIMIT_TIMEOUT);
+        assert_eq!(defaults.failure_mode, FailureMode::Open);
+        let tuned = rate_limiting(&[
+            addr,
+            (ENV_RATELIMIT_DOMAIN, "edge"),
+            (ENV_RATELIMIT_TIMEOUT, "20ms"),
+            (ENV_RATELIMIT_FAILURE_MODE, "closed"),
+        ])?
+        .unwrap_or_else(|| RateLimiting::new(Vec::new()));
+        assert_eq!(
+            (tuned.domain.as_str(), tuned.timeout, tuned.failure_mode),
+            ("edge", Duration::from_millis(20), FailureMode::Closed)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_rate_limiting_settings_name_their_variable() {
+        let addr = (ENV_RATELIMIT_SVC_ADDR, "http://rl:50053");
+        for (pairs, variable) in [
+            (
+                vec![(ENV_RATELIMIT_SVC_ADDR, "rl:50053")],
+                ENV_RATELIMIT_SVC_ADDR,
+            ),
+            (
+                vec![addr, (ENV_RATELIMIT_FAILURE_MODE, "maybe")],
+                ENV_RATELIMIT_FAILURE_MODE,
+            ),
+            (
+                vec![addr, (ENV_RATELIMIT_TIMEOUT, "0s")],
+                ENV_RATELIMIT_TIMEOUT,
+            ),
+            (
+                vec![addr, (ENV_RATELIMIT_ENABLED, "perhaps")],
+                ENV_RATELIMIT_ENABLED,
+            ),
+        ] {
+            let err = rate_limiting(&pairs).err().map(|err| err.to_string());
+            assert!(
+                err.as_deref().is_some_and(|err| err.starts_with(variable)),
+                "{pairs:?}: {err:?}"
+            );
+        }
+    }
+}
