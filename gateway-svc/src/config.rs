@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Uri;
+use service_kit::breaker::BreakerConfig;
 use service_kit::identity::SigningKey;
 use service_kit::{ConfigError, Env, ServerLimits};
 
@@ -42,6 +44,17 @@ pub const ENV_DEADLINE_MAX: &str = "DEADLINE_MAX";
 /// `UPSTREAM_CONNECT_TIMEOUT`: how long connecting to an upstream endpoint may take.
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
 
+/// `RATELIMIT_ENABLED`: `false` turns rate limiting off even when `RATELIMIT_SVC_ADDR` is set.
+pub const ENV_RATELIMIT_ENABLED: &str = "RATELIMIT_ENABLED";
+/// `RATELIMIT_DOMAIN`: the Envoy RLS domain the gateway's descriptors belong to.
+pub const ENV_RATELIMIT_DOMAIN: &str = "RATELIMIT_DOMAIN";
+/// `RATELIMIT_TIMEOUT`: how long one rate limit decision may take before the failure
+/// mode answers.
+pub const ENV_RATELIMIT_TIMEOUT: &str = "RATELIMIT_TIMEOUT";
+/// `RATELIMIT_FAILURE_MODE`: `open` (admit) or `closed` (refuse) when ratelimit-svc
+/// cannot decide.
+pub const ENV_RATELIMIT_FAILURE_MODE: &str = "RATELIMIT_FAILURE_MODE";
+
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
 /// payment-svc when `PAYMENT_SVC_ADDR` is unset (`cargo xtask up`'s port).
@@ -56,6 +69,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEADLINE_MAX: Duration = Duration::from_secs(60);
 /// Default of `UPSTREAM_CONNECT_TIMEOUT`.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default of `RATELIMIT_DOMAIN` (the domain of `ratelimit-svc/rules/gateway.yaml`).
+pub const DEFAULT_RATELIMIT_DOMAIN: &str = "paysuite-gateway";
+/// Default of `RATELIMIT_TIMEOUT`: a decision is one Redis round trip away.
+pub const DEFAULT_RATELIMIT_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// How the listener speaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +95,56 @@ pub struct Deadlines {
     pub default: Duration,
     /// The most any call gets.
     pub max: Duration,
+}
+
+/// What a call gets when ratelimit-svc cannot decide (timeout, error, open breaker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailureMode {
+    /// Admit it: an outage of the limiter does not become an outage of the API.
+    #[default]
+    Open,
+    /// Refuse it (UNAVAILABLE): the limit protects something that must not be overrun.
+    Closed,
+}
+
+impl std::str::FromStr for FailureMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            _ => Err("must be `open` or `closed`".to_owned()),
+        }
+    }
+}
+
+/// Rate limiting through ratelimit-svc's Envoy RLS v3 API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimiting {
+    /// ratelimit-svc endpoints (`http://host:port`), balanced.
+    pub endpoints: Vec<Uri>,
+    /// The RLS domain of the gateway's descriptors.
+    pub domain: String,
+    /// How long one decision may take.
+    pub timeout: Duration,
+    /// What a call gets when no decision came.
+    pub failure_mode: FailureMode,
+    /// The breaker in front of ratelimit-svc.
+    pub breaker: BreakerConfig,
+}
+
+impl RateLimiting {
+    /// The defaults around `endpoints` (tests build settings this way).
+    pub fn new(endpoints: Vec<Uri>) -> Self {
+        Self {
+            endpoints,
+            domain: DEFAULT_RATELIMIT_DOMAIN.to_owned(),
+            timeout: DEFAULT_RATELIMIT_TIMEOUT,
+            failure_mode: FailureMode::Open,
+            breaker: BreakerConfig::default(),
+        }
+    }
 }
 
 /// Everything gateway-svc needs to run.
@@ -103,6 +170,8 @@ pub struct Config {
     pub deadlines: Deadlines,
     /// How long connecting to an upstream endpoint may take.
     pub upstream_connect_timeout: Duration,
+    /// Rate limiting; `None`: off.
+    pub rate_limiting: Option<RateLimiting>,
 }
 
 impl Config {
@@ -140,6 +209,7 @@ impl Config {
                 ENV_UPSTREAM_CONNECT_TIMEOUT,
                 DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             )?,
+            rate_limiting: rate_limiting_from_env(env)?,
         })
     }
 
@@ -166,8 +236,41 @@ impl Config {
                 max: DEFAULT_DEADLINE_MAX,
             },
             upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            rate_limiting: None,
         }
     }
+}
+
+/// On when `RATELIMIT_SVC_ADDR` names ratelimit-svc (the variable also routes its own
+/// API), unless `RATELIMIT_ENABLED=false`.
+fn rate_limiting_from_env(env: &Env) -> Result<Option<RateLimiting>, ConfigError> {
+    if !env.bool_or(ENV_RATELIMIT_ENABLED, true)? {
+        return Ok(None);
+    }
+    let Some(list) = env.raw(ENV_RATELIMIT_SVC_ADDR) else {
+        return Ok(None);
+    };
+    let endpoints = crate::routes::split_list(list)
+        .iter()
+        .map(|endpoint| crate::routes::parse_endpoint(endpoint))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| ConfigError::new(ENV_RATELIMIT_SVC_ADDR, err))?;
+    if endpoints.is_empty() {
+        return Err(ConfigError::new(
+            ENV_RATELIMIT_SVC_ADDR,
+            "names no endpoint",
+        ));
+    }
+    let mut settings = RateLimiting::new(endpoints);
+    if let Some(domain) = env.raw(ENV_RATELIMIT_DOMAIN) {
+        domain.clone_into(&mut settings.domain);
+    }
+    settings.timeout = env.duration_or(ENV_RATELIMIT_TIMEOUT, DEFAULT_RATELIMIT_TIMEOUT)?;
+    if settings.timeout.is_zero() {
+        return Err(ConfigError::new(ENV_RATELIMIT_TIMEOUT, "must be positive"));
+    }
+    settings.failure_mode = env.parse_or(ENV_RATELIMIT_FAILURE_MODE, FailureMode::Open)?;
+    Ok(Some(settings))
 }
 
 fn listener_from_env(env: &Env) -> Result<Listener, ConfigError> {
@@ -243,4 +346,72 @@ fn signing_key_from_env(env: &Env) -> Result<SigningKey, ConfigError> {
         }
     };
     SigningKey::parse(&text).map_err(|err| ConfigError::new(variable, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate_limiting(pairs: &[(&str, &str)]) -> Result<Option<RateLimiting>, ConfigError> {
+        rate_limiting_from_env(&Env::from_pairs(pairs.iter().copied()))
+    }
+
+    #[test]
+    fn rate_limiting_is_on_only_with_an_address_and_not_disabled() -> anyhow::Result<()> {
+        assert_eq!(rate_limiting(&[])?, None);
+        let addr = (
+            ENV_RATELIMIT_SVC_ADDR,
+            "http://rl-0:50053, http://rl-1:50053",
+        );
+        assert_eq!(
+            rate_limiting(&[addr, (ENV_RATELIMIT_ENABLED, "false")])?,
+            None
+        );
+        let defaults = rate_limiting(&[addr])?.unwrap_or_else(|| RateLimiting::new(Vec::new()));
+        assert_eq!(defaults.endpoints.len(), 2);
+        assert_eq!(defaults.domain, DEFAULT_RATELIMIT_DOMAIN);
+        assert_eq!(defaults.timeout, DEFAULT_RATELIMIT_TIMEOUT);
+        assert_eq!(defaults.failure_mode, FailureMode::Open);
+        let tuned = rate_limiting(&[
+            addr,
+            (ENV_RATELIMIT_DOMAIN, "edge"),
+            (ENV_RATELIMIT_TIMEOUT, "20ms"),
+            (ENV_RATELIMIT_FAILURE_MODE, "closed"),
+        ])?
+        .unwrap_or_else(|| RateLimiting::new(Vec::new()));
+        assert_eq!(
+            (tuned.domain.as_str(), tuned.timeout, tuned.failure_mode),
+            ("edge", Duration::from_millis(20), FailureMode::Closed)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_rate_limiting_settings_name_their_variable() {
+        let addr = (ENV_RATELIMIT_SVC_ADDR, "http://rl:50053");
+        for (pairs, variable) in [
+            (
+                vec![(ENV_RATELIMIT_SVC_ADDR, "rl:50053")],
+                ENV_RATELIMIT_SVC_ADDR,
+            ),
+            (
+                vec![addr, (ENV_RATELIMIT_FAILURE_MODE, "maybe")],
+                ENV_RATELIMIT_FAILURE_MODE,
+            ),
+            (
+                vec![addr, (ENV_RATELIMIT_TIMEOUT, "0s")],
+                ENV_RATELIMIT_TIMEOUT,
+            ),
+            (
+                vec![addr, (ENV_RATELIMIT_ENABLED, "perhaps")],
+                ENV_RATELIMIT_ENABLED,
+            ),
+        ] {
+            let err = rate_limiting(&pairs).err().map(|err| err.to_string());
+            assert!(
+                err.as_deref().is_some_and(|err| err.starts_with(variable)),
+                "{pairs:?}: {err:?}"
+            );
+        }
+    }
 }

@@ -7,6 +7,9 @@
 //! - [`keys`]: API keys — HMAC-SHA256 hashes with a pepper, in a file reloaded on change.
 //! - [`auth`]: API key → caller → scope check → minted identity; client `x-paysuite-*`
 //!   headers stripped.
+//! - [`ratelimit`]: rate limiting per principal and method group by tier, through
+//!   ratelimit-svc's Envoy RLS v3 API (timeout, breaker, fail-open or fail-closed); the
+//!   only module that sees envoy's protobuf types.
 //! - [`deadline`]: unary deadlines (default, cap, remaining budget forwarded).
 //! - [`proxy`]: an upstream endpoint as a tower service (hyper's HTTP/2 client, bodies
 //!   passed through frame by frame), and a cluster of them.
@@ -18,9 +21,10 @@
 //! 1. strip client-sent `x-paysuite-*` headers;
 //! 2. route by `/package.Service/` to a cluster (unknown → UNIMPLEMENTED);
 //! 3. authenticate the API key and check the RPC's `required_scope`;
-//! 4. mint the identity token for the cluster's audience;
-//! 5. fix the unary deadline;
-//! 6. the cluster's endpoints (round-robin; breakers and p2c slot in here).
+//! 4. rate limit the caller (when configured): a refusal never reaches the upstream;
+//! 5. mint the identity token for the cluster's audience;
+//! 6. fix the unary deadline;
+//! 7. the cluster's endpoints (round-robin; breakers and p2c slot in here).
 //!
 //! Reflection lists every paysuite service, so `grpcurl gateway:50051 list` shows the
 //! whole API; health and reflection need no key. [`run`] is the whole service behind a
@@ -32,6 +36,7 @@ pub mod deadline;
 mod grpc;
 pub mod keys;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod tls;
 
@@ -57,6 +62,7 @@ use crate::config::Listener;
 use crate::deadline::{DeadlineLayer, DeadlineStats};
 use crate::keys::{KeyStore, KeysError};
 use crate::proxy::{Cluster, ConnectSettings, Endpoint, GrpcFuture, GrpcService, status_response};
+use crate::ratelimit::{RateLimitLayer, RateLimitStats, RateLimiter};
 use crate::tls::TlsError;
 
 /// Why the gateway could not run.
@@ -85,6 +91,8 @@ pub struct GatewayStats {
     pub deadlines: Arc<DeadlineStats>,
     /// What the server's limits did.
     pub server: Arc<service_kit::ServerStats>,
+    /// What the rate limiting layer did (all zero when rate limiting is off).
+    pub ratelimit: Arc<RateLimitStats>,
 }
 
 /// The gateway, built and ready to serve.
@@ -105,6 +113,17 @@ impl Gateway {
             keepalive_interval: config.limits.keepalive_interval,
             keepalive_timeout: config.limits.keepalive_timeout,
         };
+        let ratelimit_stats = Arc::new(RateLimitStats::default());
+        let limiter = config.rate_limiting.as_ref().map(|settings| {
+            tracing::info!(
+                endpoints = ?settings.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                domain = %settings.domain,
+                timeout = ?settings.timeout,
+                failure_mode = ?settings.failure_mode,
+                "rate limiting through ratelimit-svc"
+            );
+            RateLimiter::new(settings, Arc::clone(&ratelimit_stats))
+        });
         let mut routes: HashMap<String, GrpcService> = HashMap::new();
         let minter = Arc::new(Minter::new(
             Arc::clone(&config.signing_key),
@@ -121,6 +140,8 @@ impl Gateway {
             let stack = ServiceBuilder::new()
                 // Who is calling: the API key's caller, holding the RPC's scope.
                 .layer(AuthenticateLayer::new(keys.clone()))
+                // How much the caller may still do, before any work is done for it.
+                .layer(RateLimitLayer::new(limiter.clone()))
                 // What the upstream trusts: an identity token for its audience.
                 .layer(MintIdentityLayer::new(
                     Arc::clone(&minter),
@@ -170,6 +191,7 @@ impl Gateway {
             keys,
             deadlines: deadline_stats,
             server: services.stats(),
+            ratelimit: ratelimit_stats,
         };
         Ok(Self {
             services,
@@ -199,6 +221,9 @@ impl Gateway {
             service_kit::serve(listener, self.services, &self.config.limits, shutdown).await;
         stop.cancel();
         let _ = watcher.await;
+        if self.config.rate_limiting.is_some() {
+            self.stats.ratelimit.log();
+        }
         Ok(served?)
     }
 }

@@ -149,7 +149,7 @@ impl RouteTable {
     }
 }
 
-fn split_list(list: &str) -> Vec<String> {
+pub(crate) fn split_list(list: &str) -> Vec<String> {
     list.split(',')
         .map(str::trim)
         .filter(|item| !item.is_empty())
@@ -158,7 +158,7 @@ fn split_list(list: &str) -> Vec<String> {
 }
 
 /// `http://host:port` (plaintext HTTP/2 inside the cluster network; no path).
-fn parse_endpoint(text: &str) -> Result<Uri, String> {
+pub(crate) fn parse_endpoint(text: &str) -> Result<Uri, String> {
     let uri: Uri = text
         .parse()
         .map_err(|err| format!("endpoint {text:?} is not a URI: {err}"))?;

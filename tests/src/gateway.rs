@@ -330,3 +330,52 @@ pub fn spawned_env(dir: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
         ),
     ])
 }
+
+/// The rate limit tiers gateway-svc ships for ratelimit-svc
+/// (`ratelimit-svc/rules/gateway.yaml`, domain `paysuite-gateway`).
+pub fn ratelimit_rules_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ratelimit-svc/rules/gateway.yaml")
+}
+
+/// The environment of a spawned ratelimit-svc serving [`ratelimit_rules_file`] from the
+/// Redis at `redis_url`.
+pub fn ratelimit_rules_env(redis_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            ratelimit_svc::config::ENV_RATELIMIT_CONFIG,
+            ratelimit_rules_file().display().to_string(),
+        ),
+        (ratelimit_svc::config::ENV_REDIS_URL, redis_url.to_owned()),
+    ]
+}
+
+/// ratelimit-svc in this process serving [`ratelimit_rules_file`] from the Redis at
+/// `redis_url`.
+pub async fn ratelimit_with_gateway_rules(redis_url: &str) -> anyhow::Result<RunningService> {
+    let redis_url = redis_url.to_owned();
+    crate::services::ratelimit_with(move |config| {
+        config.ratelimit_config = Some(ratelimit_rules_file());
+        config.redis_url = Some(redis_url);
+    })
+    .await
+}
+
+/// A plaintext gateway in front of payment-svc at `payment`, rate limiting through the
+/// ratelimit-svc at `ratelimit` with the defaults adjusted by `adjust`.
+pub async fn rate_limited(
+    payment: &str,
+    ratelimit: &str,
+    adjust: impl FnOnce(&mut gateway_svc::config::RateLimiting),
+) -> anyhow::Result<TestGateway> {
+    let mut settings = gateway_svc::config::RateLimiting::new(vec![ratelimit.parse()?]);
+    adjust(&mut settings);
+    TestGateway::start_with(
+        GatewayOptions {
+            payment: payment.to_owned(),
+            ratelimit: ratelimit.to_owned(),
+            ..Default::default()
+        },
+        |config| config.rate_limiting = Some(settings),
+    )
+    .await
+}

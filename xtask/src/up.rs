@@ -73,12 +73,15 @@ pub fn run(interrupted: &Interrupted) -> anyhow::Result<()> {
             ("CARD_FINGERPRINT_KEY", &secrets.card_fingerprint_key),
         ],
     )?;
+    // The gateway's rate limit tiers (the demo key is `standard`).
+    let gateway_rules = workspace_root().join("ratelimit-svc/rules/gateway.yaml");
     services.start(
         "ratelimit-svc",
         RATELIMIT,
         &[
             ("LISTEN_ADDR", RATELIMIT),
             ("REDIS_URL", redis.url()),
+            ("RATELIMIT_CONFIG", &gateway_rules.to_string_lossy()),
             ("IDENTITY_PUBLIC_KEYS", &secrets.identity_public_keys),
         ],
     )?;
