@@ -104,9 +104,9 @@ pub fn validate(interrupted: &Interrupted) -> anyhow::Result<()> {
     for path in rendered.iter().chain([&dockerfile]) {
         scan.arg("--file").arg(path);
     }
-    // Offline: no platform calls, no version check.
+    // Offline: no Prisma Cloud mapping download, no PyPI update check.
     scan.env("BC_SKIP_MAPPING", "TRUE")
-        .env("CHECKOV_RUN_SCA_PACKAGE_SCAN_V2", "false")
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
         .env("ANSI_COLORS_DISABLED", "1");
     step(
         "checkov (rendered manifests and Dockerfile)",
@@ -415,12 +415,13 @@ pub fn drift_problems(overlay: &str, documents: &[Value], knowledge: &Knowledge)
         if c.kind == "Deployment" {
             check_serving(c, vars, &at, &mut problems);
         }
-        if c.service == "payment-svc" && c.kind == "Deployment" {
-            if c.env.get("MIGRATE_ON_START") != Some(&Some("false".to_owned())) {
-                problems.push(format!(
-                    "{at} must set MIGRATE_ON_START=false (the Job migrates)"
-                ));
-            }
+        if c.service == "payment-svc"
+            && c.kind == "Deployment"
+            && c.env.get("MIGRATE_ON_START") != Some(&Some("false".to_owned()))
+        {
+            problems.push(format!(
+                "{at} must set MIGRATE_ON_START=false (the Job migrates)"
+            ));
         }
         if c.service == "gateway-svc" {
             check_upstreams(c, documents, knowledge, &at, &mut problems);
@@ -735,19 +736,19 @@ fn dockerfile_skip_problems(text: &str) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn rendered(overlay: &str) -> Vec<Value> {
-        let kubectl = tools::kubectl().expect("kubectl");
+    fn rendered(overlay: &str) -> anyhow::Result<Vec<Value>> {
+        let kubectl = tools::kubectl()?;
         let dir = workspace_root().join("k8s/overlays").join(overlay);
-        parse_documents(&render(&kubectl, &dir).expect("render")).expect("parse")
+        parse_documents(&render(&kubectl, &dir)?)
     }
 
-    fn knowledge() -> Knowledge {
-        Knowledge::load(&workspace_root()).expect("README and sources")
+    fn knowledge() -> anyhow::Result<Knowledge> {
+        Knowledge::load(&workspace_root())
     }
 
     #[test]
-    fn manifests_readme_tables_parse() {
-        let knowledge = knowledge();
+    fn manifests_readme_tables_parse() -> anyhow::Result<()> {
+        let knowledge = knowledge()?;
         let payment = &knowledge.services["payment-svc"];
         assert_eq!(payment.listen_port, 50052);
         assert!(payment.reads.contains("MIGRATE_ON_START"));
@@ -779,19 +780,16 @@ mod tests {
                 .reads
                 .contains("REDIS_CLUSTER")
         );
+        Ok(())
     }
 
     #[test]
-    fn manifests_match_service_config() {
-        let knowledge = knowledge();
-        let names: Vec<String> = overlays()
-            .expect("overlays")
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
+    fn manifests_match_service_config() -> anyhow::Result<()> {
+        let knowledge = knowledge()?;
+        let names: Vec<String> = overlays()?.into_iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["dev", "prod"]);
         for overlay in names {
-            let documents = rendered(&overlay);
+            let documents = rendered(&overlay)?;
             let mut problems = drift_problems(&overlay, &documents, &knowledge);
             problems.extend(skip_problems(&documents));
             assert!(
@@ -800,28 +798,29 @@ mod tests {
                 problems.join("\n")
             );
         }
+        Ok(())
     }
 
     /// The check is not vacuous: a variable no service reads, a missing required one, a
     /// probe on the wrong port and a Service renamed are each reported.
     #[test]
-    fn manifests_drift_is_caught() {
-        let knowledge = knowledge();
-        let mut documents = rendered("dev");
+    fn manifests_drift_is_caught() -> anyhow::Result<()> {
+        let knowledge = knowledge()?;
+        let mut documents = rendered("dev")?;
         for doc in &mut documents {
             match (str_at(doc, "/kind"), str_at(doc, "/metadata/name")) {
                 ("Deployment", "payment-svc") => {
                     let container = &mut doc["spec"]["template"]["spec"]["containers"][0];
                     container["env"]
                         .as_array_mut()
-                        .expect("env")
+                        .context("payment-svc has env")?
                         .push(serde_json::json!({"name": "PAYMENT_SVC_BOGUS", "value": "1"}));
                     container["readinessProbe"]["grpc"]["port"] = 50099.into();
                 }
                 ("Deployment", "gateway-svc") => {
                     doc["spec"]["template"]["spec"]["containers"][0]["envFrom"]
                         .as_array_mut()
-                        .expect("envFrom")
+                        .context("gateway-svc has envFrom")?
                         .retain(|source| source["secretRef"].is_null());
                 }
                 ("Service", "ratelimit-svc") => doc["metadata"]["name"] = "ratelimit".into(),
@@ -846,6 +845,7 @@ mod tests {
                 "{expected:?} not reported in:\n{text}"
             );
         }
+        Ok(())
     }
 
     #[test]

@@ -221,11 +221,13 @@ pub fn manifest_validators(interrupted: &Interrupted) -> anyhow::Result<(PathBuf
                 );
             }
         }
+        // checkov takes seconds just to import: it is tried once, here, after an
+        // install; later runs go straight to the scan, which fails just as clearly.
+        check_runs(&checkov, &["--version"])?;
         std::fs::write(&marker, &wanted)
             .with_context(|| format!("writing {}", marker.display()))?;
     }
     check_runs(&kubernetes_validate, &["--version"])?;
-    check_runs(&checkov, &["--version"])?;
     Ok((kubernetes_validate, checkov))
 }
 
