@@ -3,6 +3,7 @@
 //! - `up`: provision PostgreSQL and Redis, start the three services, print grpcurl
 //!   commands, and tear everything down on Ctrl-C.
 //! - `test`: the same provisioning, then every check CI runs (`.ci/run` calls this).
+//! - `check-manifests`: render and validate `k8s/` offline (part of `test` too).
 //! - `token`: an identity token signed with the development key, for grpcurl.
 //! - `bench`: the DESIGN §9 measurements, written to BENCHMARKS.md.
 //!
@@ -12,6 +13,7 @@
 //!   environment) behind a guard that stops it on drop;
 //! - [`ports`] finds free ports and refuses busy ones;
 //! - [`process`] runs child processes: named steps, signal forwarding, bounded stops;
+//! - [`manifests`] renders and validates `k8s/` and checks it against the services' config;
 //! - [`identity`] keeps the development keys `up` hands to the services;
 //! - [`up`] and [`test`] are the commands; [`bench`] holds the benchmarks (one file per
 //!   scenario, shared load generation and reporting).
@@ -24,6 +26,7 @@
 
 mod bench;
 mod identity;
+mod manifests;
 mod ports;
 mod postgres;
 mod process;
@@ -69,6 +72,10 @@ enum Command {
         )]
         nextest_args: Vec<String>,
     },
+    /// Render every k8s/ overlay and validate it offline: the drift check against the
+    /// services' configuration, kubernetes-validate --strict and checkov (manifests and
+    /// Dockerfile). `test` runs the same among its static checks.
+    CheckManifests,
     /// Print an identity token signed with the development key (what `up` trusts), for
     /// `grpcurl -H "x-paysuite-identity: $(cargo xtask token …)"` straight to a service.
     Token {
@@ -116,6 +123,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up => up::run(&interrupted),
         Command::Test { nextest_args } => test::run(&nextest_args, &interrupted),
+        Command::CheckManifests => manifests::validate(&interrupted),
         Command::Token {
             principal,
             scopes,

