@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use service_kit::breaker::{BreakerConfig, BreakerEnv};
 use service_kit::identity::SigningKey;
 use service_kit::{ConfigError, Env, ServerLimits};
 
@@ -41,6 +42,30 @@ pub const ENV_DEADLINE_DEFAULT: &str = "DEADLINE_DEFAULT";
 pub const ENV_DEADLINE_MAX: &str = "DEADLINE_MAX";
 /// `UPSTREAM_CONNECT_TIMEOUT`: how long connecting to an upstream endpoint may take.
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
+/// `UPSTREAM_RESOLVE_INTERVAL`: how often endpoints given by DNS name are re-resolved.
+pub const ENV_UPSTREAM_RESOLVE_INTERVAL: &str = "UPSTREAM_RESOLVE_INTERVAL";
+/// `UPSTREAM_BREAKER_CONSECUTIVE_FAILURES`: failures in a row that trip an endpoint's breaker.
+pub const ENV_UPSTREAM_BREAKER_CONSECUTIVE_FAILURES: &str = "UPSTREAM_BREAKER_CONSECUTIVE_FAILURES";
+/// `UPSTREAM_BREAKER_FAILURE_RATE_PERCENT`: the failure rate over the window that trips it.
+pub const ENV_UPSTREAM_BREAKER_FAILURE_RATE_PERCENT: &str = "UPSTREAM_BREAKER_FAILURE_RATE_PERCENT";
+/// `UPSTREAM_BREAKER_MINIMUM_CALLS`: calls in the window before the rate counts.
+pub const ENV_UPSTREAM_BREAKER_MINIMUM_CALLS: &str = "UPSTREAM_BREAKER_MINIMUM_CALLS";
+/// `UPSTREAM_BREAKER_WINDOW`: the failure rate's sliding window.
+pub const ENV_UPSTREAM_BREAKER_WINDOW: &str = "UPSTREAM_BREAKER_WINDOW";
+/// `UPSTREAM_BREAKER_BASE_BACKOFF`: how long a tripped breaker waits before its first probe.
+pub const ENV_UPSTREAM_BREAKER_BASE_BACKOFF: &str = "UPSTREAM_BREAKER_BASE_BACKOFF";
+/// `UPSTREAM_BREAKER_MAX_BACKOFF`: the longest wait between probes.
+pub const ENV_UPSTREAM_BREAKER_MAX_BACKOFF: &str = "UPSTREAM_BREAKER_MAX_BACKOFF";
+
+/// The variables of the upstream endpoints' breakers.
+pub const UPSTREAM_BREAKER_ENV: BreakerEnv = BreakerEnv {
+    consecutive_failures: ENV_UPSTREAM_BREAKER_CONSECUTIVE_FAILURES,
+    failure_rate_percent: ENV_UPSTREAM_BREAKER_FAILURE_RATE_PERCENT,
+    minimum_calls: ENV_UPSTREAM_BREAKER_MINIMUM_CALLS,
+    window: ENV_UPSTREAM_BREAKER_WINDOW,
+    base_backoff: ENV_UPSTREAM_BREAKER_BASE_BACKOFF,
+    max_backoff: ENV_UPSTREAM_BREAKER_MAX_BACKOFF,
+};
 
 /// The default gRPC listen address.
 pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:50051";
@@ -56,6 +81,8 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DEADLINE_MAX: Duration = Duration::from_secs(60);
 /// Default of `UPSTREAM_CONNECT_TIMEOUT`.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default of `UPSTREAM_RESOLVE_INTERVAL`.
+pub const DEFAULT_UPSTREAM_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How the listener speaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +130,10 @@ pub struct Config {
     pub deadlines: Deadlines,
     /// How long connecting to an upstream endpoint may take.
     pub upstream_connect_timeout: Duration,
+    /// How often endpoints given by DNS name are re-resolved.
+    pub upstream_resolve_interval: Duration,
+    /// How each upstream endpoint's breaker trips and recovers.
+    pub upstream_breaker: BreakerConfig,
 }
 
 impl Config {
@@ -140,6 +171,12 @@ impl Config {
                 ENV_UPSTREAM_CONNECT_TIMEOUT,
                 DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             )?,
+            upstream_resolve_interval: positive(
+                env,
+                ENV_UPSTREAM_RESOLVE_INTERVAL,
+                DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
+            )?,
+            upstream_breaker: BreakerConfig::from_env(env, &UPSTREAM_BREAKER_ENV)?,
         })
     }
 
@@ -166,8 +203,18 @@ impl Config {
                 max: DEFAULT_DEADLINE_MAX,
             },
             upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            upstream_resolve_interval: DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
+            upstream_breaker: BreakerConfig::default(),
         }
     }
+}
+
+fn positive(env: &Env, name: &str, default: Duration) -> Result<Duration, ConfigError> {
+    let value = env.duration_or(name, default)?;
+    if value.is_zero() {
+        return Err(ConfigError::new(name, "must be positive"));
+    }
+    Ok(value)
 }
 
 fn listener_from_env(env: &Env) -> Result<Listener, ConfigError> {

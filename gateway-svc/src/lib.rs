@@ -9,9 +9,13 @@
 //!   headers stripped.
 //! - [`deadline`]: unary deadlines (default, cap, remaining budget forwarded).
 //! - [`proxy`]: an upstream endpoint as a tower service (hyper's HTTP/2 client, bodies
-//!   passed through frame by frame), and a cluster of them.
+//!   passed through frame by frame).
+//! - [`balance`]: a cluster of endpoints, a circuit breaker per endpoint gating p2c
+//!   balancing, CIRCUIT_OPEN when every breaker is open, outcomes judged by grpc-status.
+//! - [`resolve`]: endpoints from static addresses or DNS names re-resolved periodically.
 //! - [`tls`]: the listener's rustls configuration from PEM files.
-//! - `grpc`: the admin API (`paysuite.gateway.v1`) — the only module that sees protobuf types.
+//! - `grpc`: the admin API (`paysuite.gateway.v1`: list upstreams and breakers, force a
+//!   breaker open/closed) — the only module that sees protobuf types.
 //!
 //! The stack every proxied call passes through, top-down (after service-kit's server
 //! stack: load shedding, the caller's `grpc-timeout`, the message size limit):
@@ -20,24 +24,31 @@
 //! 3. authenticate the API key and check the RPC's `required_scope`;
 //! 4. mint the identity token for the cluster's audience;
 //! 5. fix the unary deadline;
-//! 6. the cluster's endpoints (round-robin; breakers and p2c slot in here).
+//! 6. the cluster: CIRCUIT_OPEN when every endpoint's breaker is open, else p2c over the
+//!    endpoints whose breaker admits the call; the outcome feeds the breaker.
+//!
+//! Beside the stack, per cluster: a task re-resolving its DNS names, and a task keeping
+//! the health status of its services NOT_SERVING while all its endpoints are tripped.
 //!
 //! Reflection lists every paysuite service, so `grpcurl gateway:50051 list` shows the
 //! whole API; health and reflection need no key. [`run`] is the whole service behind a
 //! listener; `main` only reads config, sets up telemetry and binds.
 
 pub mod auth;
+pub mod balance;
 pub mod config;
 pub mod deadline;
 mod grpc;
 pub mod keys;
 pub mod proxy;
+pub mod resolve;
 pub mod routes;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -51,10 +62,12 @@ use tower_service::Service;
 pub use config::Config;
 
 use crate::auth::{AuthenticateLayer, MintIdentityLayer};
+use crate::balance::{Balance, Upstream};
 use crate::config::Listener;
 use crate::deadline::{DeadlineLayer, DeadlineStats};
 use crate::keys::{KeyStore, KeysError};
-use crate::proxy::{Cluster, ConnectSettings, Endpoint, GrpcFuture, GrpcService, status_response};
+use crate::proxy::{ConnectSettings, GrpcFuture, GrpcService, status_response};
+use crate::resolve::Source;
 use crate::tls::TlsError;
 
 /// Why the gateway could not run.
@@ -83,6 +96,17 @@ pub struct GatewayStats {
     pub deadlines: Arc<DeadlineStats>,
     /// What the server's limits did.
     pub server: Arc<service_kit::ServerStats>,
+    /// The upstream clusters: endpoints, breakers and their counters.
+    pub upstreams: Arc<[Arc<Upstream>]>,
+}
+
+impl GatewayStats {
+    /// The upstream cluster named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams
+            .iter()
+            .find(|upstream| upstream.name() == name)
+    }
 }
 
 /// The gateway, built and ready to serve.
@@ -91,6 +115,9 @@ pub struct Gateway {
     services: service_kit::ServiceSet,
     stats: GatewayStats,
     config: Config,
+    /// Each cluster's configured endpoints, for re-resolution.
+    sources: Vec<Vec<Source>>,
+    connect: ConnectSettings,
 }
 
 impl Gateway {
@@ -104,14 +131,22 @@ impl Gateway {
             keepalive_timeout: config.limits.keepalive_timeout,
         };
         let mut routes: HashMap<String, GrpcService> = HashMap::new();
+        let mut upstreams = Vec::new();
+        let mut sources = Vec::new();
         for cluster in config.routes.clusters() {
-            let endpoints = cluster
+            let cluster_sources = cluster
                 .endpoints
                 .iter()
-                .map(|uri| {
-                    Endpoint::new(uri, connect).ok_or_else(|| Error::Endpoint(uri.to_string()))
-                })
+                .map(|uri| Source::from_uri(uri).ok_or_else(|| Error::Endpoint(uri.to_string())))
                 .collect::<Result<Vec<_>, _>>()?;
+            let upstream = Arc::new(Upstream::new(
+                &cluster.name,
+                cluster.services.clone(),
+                config.upstream_breaker.clone(),
+            ));
+            // The first resolution, before serving; a name that does not resolve yet leaves
+            // the cluster empty (UNAVAILABLE) until a re-resolution finds it.
+            resolve::refresh(&upstream, &cluster_sources, connect).await;
             let stack = ServiceBuilder::new()
                 // Who is calling: the API key's caller, holding the RPC's scope.
                 .layer(AuthenticateLayer::new(keys.clone()))
@@ -125,8 +160,8 @@ impl Gateway {
                     config.deadlines,
                     Arc::clone(&deadline_stats),
                 ))
-                // The endpoints (round-robin until breakers and p2c take this place).
-                .service(Cluster::new(endpoints));
+                // The endpoints: breakers gate p2c; all open → CIRCUIT_OPEN at once.
+                .service(Balance::new(Arc::clone(&upstream)));
             let stack = GrpcService::new(stack);
             for service in &cluster.services {
                 routes.insert(service.clone(), stack.clone());
@@ -134,17 +169,21 @@ impl Gateway {
             tracing::info!(
                 cluster = %cluster.name,
                 endpoints = ?cluster.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                resolved = ?upstream.endpoints().iter().map(|e| e.address().to_owned()).collect::<Vec<_>>(),
                 services = ?cluster.services,
                 "upstream cluster"
             );
+            upstreams.push(upstream);
+            sources.push(cluster_sources);
         }
+        let upstreams: Arc<[Arc<Upstream>]> = Arc::from(upstreams);
         // The admin API is answered here, behind the same authentication.
         routes.insert(
             grpc::ADMIN_SERVICE.to_owned(),
             GrpcService::new(
                 ServiceBuilder::new()
                     .layer(AuthenticateLayer::new(keys.clone()))
-                    .service(grpc::admin_service()),
+                    .service(grpc::admin_service(Arc::clone(&upstreams))),
             ),
         );
         let mut served: Vec<String> = routes.keys().cloned().collect();
@@ -164,11 +203,14 @@ impl Gateway {
             keys,
             deadlines: deadline_stats,
             server: services.stats(),
+            upstreams,
         };
         Ok(Self {
             services,
             stats,
             config,
+            sources,
+            connect,
         })
     }
 
@@ -189,11 +231,62 @@ impl Gateway {
             let stop = stop.clone();
             tokio::spawn(async move { keys.watch(interval, stop.cancelled_owned()).await })
         };
+        let mut tasks = Vec::new();
+        let health = self.services.health();
+        for (upstream, sources) in self.stats.upstreams.iter().zip(self.sources) {
+            let resolver = resolve::watch(
+                Arc::clone(upstream),
+                sources,
+                self.connect,
+                self.config.upstream_resolve_interval,
+            );
+            let health = report_health(Arc::clone(upstream), health.clone());
+            for task in [
+                Box::pin(resolver) as Pin<Box<dyn Future<Output = ()> + Send>>,
+                Box::pin(health),
+            ] {
+                let stop = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::select! {
+                        () = task => {}
+                        () = stop.cancelled() => {}
+                    }
+                }));
+            }
+        }
+        let shutdown = {
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                // Before the server marks everything NOT_SERVING, so that stays.
+                stop.cancel();
+            }
+        };
         let served =
             service_kit::serve(listener, self.services, &self.config.limits, shutdown).await;
         stop.cancel();
         let _ = watcher.await;
+        for task in tasks {
+            let _ = task.await;
+        }
         Ok(served?)
+    }
+}
+
+/// Keeps the health status of `upstream`'s services NOT_SERVING while all its endpoints
+/// are tripped, SERVING otherwise.
+async fn report_health(upstream: Arc<Upstream>, health: service_kit::Health) {
+    let mut serving = true;
+    loop {
+        upstream.changed().await;
+        let now_serving = !upstream.all_tripped();
+        if now_serving != serving {
+            serving = now_serving;
+            tracing::info!(upstream = %upstream.name(), serving, "upstream health");
+            for service in upstream.services() {
+                health.set_service_serving(service, serving).await;
+            }
+        }
     }
 }
 

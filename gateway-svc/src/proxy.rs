@@ -1,4 +1,5 @@
-//! The transparent part: one upstream endpoint as a tower service, and a cluster of them.
+//! The transparent part: one upstream endpoint as a tower service (the cluster of them,
+//! behind breakers and p2c, is in [`crate::balance`]).
 //!
 //! An [`Endpoint`] forwards a call over one shared HTTP/2 connection (hyper's client,
 //! plaintext h2 with prior knowledge) and streams the answer back: request and response
@@ -13,11 +14,14 @@
 //!   prefix): the caller gets that status — as a trailers-only response when no response
 //!   has started, as the trailers of the response otherwise;
 //! - the upstream cannot be reached or drops the stream: UNAVAILABLE.
+//!
+//! [`Endpoint::send`] also says who produced a response ([`Origin`]: the upstream, or the
+//! gateway's own refusal) and hands back a call whose connection failed before its body
+//! was touched ([`Sent::Unsent`]), so the balancer can judge and re-route.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -105,18 +109,37 @@ impl Endpoint {
     }
 }
 
-impl Service<Request<tonic::body::Body>> for Endpoint {
-    type Response = Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = GrpcFuture;
+/// Who produced a response an [`Endpoint`] returns: what the breaker may judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The upstream answered (or broke while answering): judged by its grpc-status.
+    Upstream,
+    /// The gateway refused the call itself (its deadline had passed, the request body was
+    /// refused): says nothing about the upstream.
+    Gateway,
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // hyper's pool queues on its own connection; readiness gates (breakers) wrap this.
-        Poll::Ready(Ok(()))
-    }
+/// What became of a call handed to an [`Endpoint`].
+pub(crate) enum Sent {
+    /// A response to pass on, and who produced it.
+    Answered(Response<tonic::body::Body>, Origin),
+    /// The endpoint could not be reached and the request body was never touched: the
+    /// call may go to another endpoint as it is (the upstream never saw it).
+    Unsent {
+        /// What the caller gets when no other endpoint takes it.
+        status: Status,
+        /// The request body, intact.
+        body: tonic::body::Body,
+    },
+}
 
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let (mut parts, body) = request.into_parts();
+impl Endpoint {
+    /// Sends a call to this endpoint. See [`Sent`] for the outcomes.
+    pub(crate) fn send(
+        &self,
+        mut parts: http::request::Parts,
+        body: tonic::body::Body,
+    ) -> Pin<Box<dyn Future<Output = Sent> + Send>> {
         let path = parts
             .uri
             .path_and_query()
@@ -126,13 +149,17 @@ impl Service<Request<tonic::body::Body>> for Endpoint {
         uri.scheme = Some(self.scheme.clone());
         uri.authority = Some(self.authority.clone());
         uri.path_and_query = Some(path);
+        let refuse = |status: Status| -> Pin<Box<dyn Future<Output = Sent> + Send>> {
+            Box::pin(std::future::ready(Sent::Answered(
+                status_response(&status),
+                Origin::Gateway,
+            )))
+        };
         match Uri::from_parts(uri) {
             Ok(uri) => parts.uri = uri,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot address the upstream");
-                return Box::pin(std::future::ready(Ok(status_response(&Status::internal(
-                    "internal error",
-                )))));
+                return refuse(Status::internal("internal error"));
             }
         }
         parts.version = Version::HTTP_2;
@@ -145,15 +172,17 @@ impl Service<Request<tonic::body::Body>> for Endpoint {
                         .insert("grpc-timeout", grpc_timeout(remaining));
                 }
                 None => {
-                    return Box::pin(std::future::ready(Ok(status_response(
-                        &Status::deadline_exceeded("deadline exceeded before the call was sent"),
-                    ))));
+                    return refuse(Status::deadline_exceeded(
+                        "deadline exceeded before the call was sent",
+                    ));
                 }
             }
         }
         let (refused_tx, mut refused) = oneshot::channel();
+        let untouched = Arc::new(Mutex::new(Some(body)));
         let body = WatchedBody {
-            inner: body,
+            untouched: Some(Arc::clone(&untouched)),
+            inner: None,
             refused: Some(refused_tx),
         };
         let upstream = self.authority.clone();
@@ -168,26 +197,57 @@ impl Service<Request<tonic::body::Body>> for Endpoint {
                 }
             };
             tokio::select! {
-                status = refusal => Ok(status_response(&status)),
-                response = response => Ok(match response {
-                    Ok(response) => response.map(|body| {
-                        tonic::body::Body::new(UpstreamBody {
-                            inner: body,
-                            refused: Some(refused),
-                            done: false,
-                        })
-                    }),
+                status = refusal => Sent::Answered(status_response(&status), Origin::Gateway),
+                response = response => match response {
+                    Ok(response) => Sent::Answered(
+                        response.map(|body| {
+                            tonic::body::Body::new(UpstreamBody {
+                                inner: body,
+                                refused: Some(refused),
+                                done: false,
+                            })
+                        }),
+                        Origin::Upstream,
+                    ),
                     Err(err) => {
                         if let Ok(status) = refused.try_recv() {
-                            return Ok(status_response(&status));
+                            return Sent::Answered(status_response(&status), Origin::Gateway);
                         }
                         tracing::debug!(%upstream, error = %err, "upstream call failed");
-                        status_response(&Status::unavailable(format!(
-                            "upstream {upstream} unavailable"
-                        )))
+                        let status = Status::unavailable(format!("upstream {upstream} unavailable"));
+                        let body = untouched
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .take();
+                        match body {
+                            Some(body) => Sent::Unsent { status, body },
+                            None => Sent::Answered(status_response(&status), Origin::Upstream),
+                        }
                     }
-                }),
+                },
             }
+        })
+    }
+}
+
+impl Service<Request<tonic::body::Body>> for Endpoint {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = GrpcFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // hyper's pool queues on its own connection; the breakers gate in `balance`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let sent = self.send(parts, body);
+        Box::pin(async move {
+            Ok(match sent.await {
+                Sent::Answered(response, _) => response,
+                Sent::Unsent { status, .. } => status_response(&status),
+            })
         })
     }
 }
@@ -198,54 +258,25 @@ fn grpc_timeout(remaining: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
 }
 
-/// A cluster: interchangeable endpoints. This is the balancer's slot: for now calls go
-/// round-robin; circuit breakers per endpoint and p2c replace this with a tower
-/// balancer over the same [`Endpoint`]s.
-#[derive(Debug, Clone)]
-pub struct Cluster {
-    endpoints: Arc<[Endpoint]>,
-    next: Arc<AtomicUsize>,
+/// The request body on its way upstream: frames pass through; a failure (a refused
+/// message) is reported to the response side before hyper resets the stream. Until hyper
+/// first touches it, the body stays in a slot the sender can take back: a call whose
+/// connection failed before that was never sent, and may go elsewhere.
+pub(crate) struct WatchedBody {
+    untouched: Option<Arc<Mutex<Option<tonic::body::Body>>>>,
+    inner: Option<tonic::body::Body>,
+    refused: Option<oneshot::Sender<Status>>,
 }
 
-impl Cluster {
-    /// A cluster of `endpoints` (at least one; the route table guarantees it).
-    pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        Self {
-            endpoints: endpoints.into(),
-            next: Arc::default(),
+impl WatchedBody {
+    fn inner(&mut self) -> Option<&mut tonic::body::Body> {
+        if let Some(untouched) = self.untouched.take() {
+            self.inner = untouched
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
         }
-    }
-}
-
-impl Service<Request<tonic::body::Body>> for Cluster {
-    type Response = Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = GrpcFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let count = self.endpoints.len();
-        if count == 0 {
-            return Box::pin(std::future::ready(Ok(status_response(
-                &Status::unavailable("no upstream endpoint"),
-            ))));
-        }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
-        let mut endpoint = self.endpoints[index].clone();
-        endpoint.call(request)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The request body on its way upstream: frames pass through; a failure (a refused
-    /// message) is reported to the response side before hyper resets the stream.
-    pub struct WatchedBody {
-        #[pin]
-        inner: tonic::body::Body,
-        refused: Option<oneshot::Sender<Status>>,
+        self.inner.as_mut()
     }
 }
 
@@ -257,8 +288,11 @@ impl Body for WatchedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let this = self.get_mut();
+        let Some(inner) = this.inner() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
         if let Some(Err(status)) = &frame
             && let Some(refused) = this.refused.take()
         {
@@ -268,11 +302,29 @@ impl Body for WatchedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match (&self.untouched, &self.inner) {
+            (_, Some(inner)) => inner.is_end_stream(),
+            // Read without taking: asking is not sending.
+            (Some(untouched), None) => untouched
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .as_ref()
+                .is_none_or(Body::is_end_stream),
+            (None, None) => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match (&self.untouched, &self.inner) {
+            (_, Some(inner)) => inner.size_hint(),
+            (Some(untouched), None) => untouched
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .as_ref()
+                .map(Body::size_hint)
+                .unwrap_or_default(),
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }
 
