@@ -721,4 +721,136 @@ mod tests {
             1
         );
     }
+
+    /// A response body: one message, then trailers with `code`.
+    struct Streamed {
+        frames: Vec<Frame<Bytes>>,
+    }
+
+    impl Body for Streamed {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            let this = self.get_mut();
+            Poll::Ready((!this.frames.is_empty()).then(|| Ok(this.frames.remove(0))))
+        }
+    }
+
+    fn streamed(code: Code) -> Response<tonic::body::Body> {
+        let mut trailers = HeaderMap::new();
+        if let Ok(value) = http::HeaderValue::from_str(&(code as i32).to_string()) {
+            trailers.insert("grpc-status", value);
+        }
+        Response::new(tonic::body::Body::new(Streamed {
+            frames: vec![
+                Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+                Frame::trailers(trailers),
+            ],
+        }))
+    }
+
+    async fn next_frame(body: &mut tonic::body::Body) -> Option<Result<Frame<Bytes>, Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    fn attempt(upstream: &Arc<Upstream>, deadline: Option<CallDeadline>) -> Option<Attempt> {
+        let endpoint = upstream.endpoints().first().cloned()?;
+        let permit = endpoint.breaker.try_acquire().ok()?;
+        Some(Attempt::new(upstream, &endpoint, permit, deadline))
+    }
+
+    fn window(upstream: &Upstream) -> (u32, u32) {
+        upstream.endpoints()[0].breaker.window_counts()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_is_judged_by_its_trailers_and_a_dropped_body_not_at_all() {
+        let upstream = upstream(&["127.0.0.1:1"]);
+        // Judged when the trailers pass, not when the headers arrive.
+        let Some(judged) = attempt(&upstream, None) else {
+            panic!("a closed breaker admits")
+        };
+        let mut body = answer(
+            judged,
+            Sent::Answered(streamed(Code::Unavailable), Origin::Upstream),
+        )
+        .into_body();
+        assert!(next_frame(&mut body).await.is_some());
+        assert_eq!(window(&upstream), (0, 0), "not judged before the trailers");
+        assert_eq!(
+            upstream.endpoints()[0].in_flight(),
+            1,
+            "in flight until they pass"
+        );
+        assert!(next_frame(&mut body).await.is_some());
+        assert_eq!(window(&upstream), (1, 1));
+        assert_eq!(upstream.endpoints()[0].in_flight(), 0);
+        drop(body);
+
+        // Dropped before its trailers: no verdict.
+        let upstream = self::upstream(&["127.0.0.1:1"]);
+        let Some(dropped) = attempt(&upstream, None) else {
+            panic!("a closed breaker admits")
+        };
+        let mut body = answer(
+            dropped,
+            Sent::Answered(streamed(Code::Internal), Origin::Upstream),
+        )
+        .into_body();
+        assert!(next_frame(&mut body).await.is_some());
+        drop(body);
+        assert_eq!(window(&upstream), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trailers_only_answers_and_the_gateways_own_refusals_are_judged_at_once() {
+        let upstream = upstream(&["127.0.0.1:1"]);
+        let refusal = |code| status_response(&Status::new(code, "x"));
+        // A caller's mistake: the endpoint works.
+        if let Some(judged) = attempt(&upstream, None) {
+            drop(answer(
+                judged,
+                Sent::Answered(refusal(Code::InvalidArgument), Origin::Upstream),
+            ));
+        }
+        assert_eq!(window(&upstream), (1, 0));
+        // The gateway's own DEADLINE_EXCEEDED (nothing was sent): no verdict.
+        if let Some(judged) = attempt(&upstream, None) {
+            drop(answer(
+                judged,
+                Sent::Answered(refusal(Code::DeadlineExceeded), Origin::Gateway),
+            ));
+        }
+        assert_eq!(window(&upstream), (1, 0));
+        // The upstream's DATA_LOSS trips it (one failure is the threshold here).
+        if let Some(judged) = attempt(&upstream, None) {
+            drop(answer(
+                judged,
+                Sent::Answered(refusal(Code::DataLoss), Origin::Upstream),
+            ));
+        }
+        assert_eq!(window(&upstream), (2, 1));
+        assert_eq!(
+            upstream.endpoints()[0].breaker.state(),
+            service_kit::breaker::BreakerState::Open
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_abandoned_at_its_deadline_fails_one_cancelled_before_does_not() {
+        let upstream = upstream(&["127.0.0.1:1"]);
+        let deadline = CallDeadline::at(tokio::time::Instant::now() + Duration::from_secs(1));
+        // The caller went away with time left: no verdict.
+        drop(attempt(&upstream, Some(deadline)));
+        assert_eq!(window(&upstream), (0, 0));
+        // The deadline layer dropped it when the deadline passed: the upstream was too slow.
+        let abandoned = attempt(&upstream, Some(deadline));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(abandoned);
+        assert_eq!(window(&upstream), (1, 1));
+    }
 }

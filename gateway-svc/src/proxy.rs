@@ -21,6 +21,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -179,7 +180,7 @@ impl Endpoint {
             }
         }
         let (refused_tx, mut refused) = oneshot::channel();
-        let untouched = Arc::new(Mutex::new(Some(body)));
+        let untouched = Untouched::new(body);
         let body = WatchedBody {
             untouched: Some(Arc::clone(&untouched)),
             inner: None,
@@ -215,11 +216,7 @@ impl Endpoint {
                         }
                         tracing::debug!(%upstream, error = %err, "upstream call failed");
                         let status = Status::unavailable(format!("upstream {upstream} unavailable"));
-                        let body = untouched
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .take();
-                        match body {
+                        match untouched.take_back() {
                             Some(body) => Sent::Unsent { status, body },
                             None => Sent::Answered(status_response(&status), Origin::Upstream),
                         }
@@ -258,12 +255,42 @@ fn grpc_timeout(remaining: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
 }
 
+/// A request body not yet touched by hyper, which the sender can take back.
+struct Untouched {
+    body: Mutex<Option<tonic::body::Body>>,
+    /// Set by any look at the body (hyper may have sent END_STREAM from it).
+    touched: AtomicBool,
+}
+
+impl Untouched {
+    fn new(body: tonic::body::Body) -> Arc<Self> {
+        Arc::new(Self {
+            body: Mutex::new(Some(body)),
+            touched: AtomicBool::new(false),
+        })
+    }
+
+    fn body(&self) -> std::sync::MutexGuard<'_, Option<tonic::body::Body>> {
+        self.body
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The body, if nothing ever looked at it.
+    fn take_back(&self) -> Option<tonic::body::Body> {
+        if self.touched.load(Ordering::Acquire) {
+            return None;
+        }
+        self.body().take()
+    }
+}
+
 /// The request body on its way upstream: frames pass through; a failure (a refused
 /// message) is reported to the response side before hyper resets the stream. Until hyper
-/// first touches it, the body stays in a slot the sender can take back: a call whose
+/// first looks at it, the body stays where the sender can take it back: a call whose
 /// connection failed before that was never sent, and may go elsewhere.
 pub(crate) struct WatchedBody {
-    untouched: Option<Arc<Mutex<Option<tonic::body::Body>>>>,
+    untouched: Option<Arc<Untouched>>,
     inner: Option<tonic::body::Body>,
     refused: Option<oneshot::Sender<Status>>,
 }
@@ -271,12 +298,22 @@ pub(crate) struct WatchedBody {
 impl WatchedBody {
     fn inner(&mut self) -> Option<&mut tonic::body::Body> {
         if let Some(untouched) = self.untouched.take() {
-            self.inner = untouched
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take();
+            untouched.touched.store(true, Ordering::Release);
+            self.inner = untouched.body().take();
         }
         self.inner.as_mut()
+    }
+
+    /// Reads the body without taking it, marking it touched.
+    fn peek<T>(&self, read: impl FnOnce(Option<&tonic::body::Body>) -> T) -> T {
+        match (&self.untouched, &self.inner) {
+            (_, Some(inner)) => read(Some(inner)),
+            (Some(untouched), None) => {
+                untouched.touched.store(true, Ordering::Release);
+                read(untouched.body().as_ref())
+            }
+            (None, None) => read(None),
+        }
     }
 }
 
@@ -302,29 +339,11 @@ impl Body for WatchedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match (&self.untouched, &self.inner) {
-            (_, Some(inner)) => inner.is_end_stream(),
-            // Read without taking: asking is not sending.
-            (Some(untouched), None) => untouched
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .as_ref()
-                .is_none_or(Body::is_end_stream),
-            (None, None) => true,
-        }
+        self.peek(|body| body.is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.untouched, &self.inner) {
-            (_, Some(inner)) => inner.size_hint(),
-            (Some(untouched), None) => untouched
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .as_ref()
-                .map(Body::size_hint)
-                .unwrap_or_default(),
-            (None, None) => SizeHint::with_exact(0),
-        }
+        self.peek(|body| body.map_or_else(|| SizeHint::with_exact(0), Body::size_hint))
     }
 }
 
