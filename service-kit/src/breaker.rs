@@ -700,4 +700,35 @@ mod tests {
         assert!(call(&breaker, false).is_ok());
         assert!(breaker.transitions() == 0, "overrides are not transitions");
     }
+
+    #[test]
+    fn the_config_is_read_from_the_named_variables_and_checked() {
+        const NAMES: BreakerEnv = BreakerEnv {
+            consecutive_failures: "B_FAILURES",
+            failure_rate_percent: "B_RATE",
+            minimum_calls: "B_MIN",
+            window: "B_WINDOW",
+            base_backoff: "B_BASE",
+            max_backoff: "B_MAX",
+        };
+        let read = |pairs: &[(&str, &str)]| {
+            BreakerConfig::from_env(&crate::Env::from_pairs(pairs.iter().copied()), &NAMES)
+        };
+        assert_eq!(read(&[]).ok(), Some(BreakerConfig::default()));
+        let config = read(&[("B_FAILURES", "2"), ("B_BASE", "50ms"), ("B_MAX", "1s")]).ok();
+        assert_eq!(config.as_ref().map(|c| c.consecutive_failures), Some(2));
+        assert_eq!(
+            config.map(|c| (c.base_backoff, c.max_backoff)),
+            Some((Duration::from_millis(50), Duration::from_secs(1)))
+        );
+        for (pairs, variable) in [
+            (&[("B_FAILURES", "0")][..], "B_FAILURES"),
+            (&[("B_RATE", "101")][..], "B_RATE"),
+            (&[("B_WINDOW", "0s")][..], "B_WINDOW"),
+            (&[("B_BASE", "2m")][..], "B_BASE"),
+        ] {
+            let err = read(pairs).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.starts_with(variable), "{pairs:?}: {err}");
+        }
+    }
 }
