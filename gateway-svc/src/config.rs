@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
-use service_kit::breaker::BreakerConfig;
+use service_kit::breaker::{BreakerConfig, BreakerEnv};
 use service_kit::identity::SigningKey;
 use service_kit::{ConfigError, Env, ServerLimits};
 
@@ -43,6 +43,30 @@ pub const ENV_DEADLINE_DEFAULT: &str = "DEADLINE_DEFAULT";
 pub const ENV_DEADLINE_MAX: &str = "DEADLINE_MAX";
 /// `UPSTREAM_CONNECT_TIMEOUT`: how long connecting to an upstream endpoint may take.
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
+/// `UPSTREAM_RESOLVE_INTERVAL`: how often endpoints given by DNS name are re-resolved.
+pub const ENV_UPSTREAM_RESOLVE_INTERVAL: &str = "UPSTREAM_RESOLVE_INTERVAL";
+/// `UPSTREAM_BREAKER_CONSECUTIVE_FAILURES`: failures in a row that trip an endpoint's breaker.
+pub const ENV_UPSTREAM_BREAKER_CONSECUTIVE_FAILURES: &str = "UPSTREAM_BREAKER_CONSECUTIVE_FAILURES";
+/// `UPSTREAM_BREAKER_FAILURE_RATE_PERCENT`: the failure rate over the window that trips it.
+pub const ENV_UPSTREAM_BREAKER_FAILURE_RATE_PERCENT: &str = "UPSTREAM_BREAKER_FAILURE_RATE_PERCENT";
+/// `UPSTREAM_BREAKER_MINIMUM_CALLS`: calls in the window before the rate counts.
+pub const ENV_UPSTREAM_BREAKER_MINIMUM_CALLS: &str = "UPSTREAM_BREAKER_MINIMUM_CALLS";
+/// `UPSTREAM_BREAKER_WINDOW`: the failure rate's sliding window.
+pub const ENV_UPSTREAM_BREAKER_WINDOW: &str = "UPSTREAM_BREAKER_WINDOW";
+/// `UPSTREAM_BREAKER_BASE_BACKOFF`: how long a tripped breaker waits before its first probe.
+pub const ENV_UPSTREAM_BREAKER_BASE_BACKOFF: &str = "UPSTREAM_BREAKER_BASE_BACKOFF";
+/// `UPSTREAM_BREAKER_MAX_BACKOFF`: the longest wait between probes.
+pub const ENV_UPSTREAM_BREAKER_MAX_BACKOFF: &str = "UPSTREAM_BREAKER_MAX_BACKOFF";
+
+/// The variables of the upstream endpoints' breakers.
+pub const UPSTREAM_BREAKER_ENV: BreakerEnv = BreakerEnv {
+    consecutive_failures: ENV_UPSTREAM_BREAKER_CONSECUTIVE_FAILURES,
+    failure_rate_percent: ENV_UPSTREAM_BREAKER_FAILURE_RATE_PERCENT,
+    minimum_calls: ENV_UPSTREAM_BREAKER_MINIMUM_CALLS,
+    window: ENV_UPSTREAM_BREAKER_WINDOW,
+    base_backoff: ENV_UPSTREAM_BREAKER_BASE_BACKOFF,
+    max_backoff: ENV_UPSTREAM_BREAKER_MAX_BACKOFF,
+};
 
 /// `RATELIMIT_ENABLED`: `false` turns rate limiting off even when `RATELIMIT_SVC_ADDR` is set.
 pub const ENV_RATELIMIT_ENABLED: &str = "RATELIMIT_ENABLED";
@@ -73,6 +97,8 @@ pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_RATELIMIT_DOMAIN: &str = "paysuite-gateway";
 /// Default of `RATELIMIT_TIMEOUT`: a decision is one Redis round trip away.
 pub const DEFAULT_RATELIMIT_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default of `UPSTREAM_RESOLVE_INTERVAL`.
+pub const DEFAULT_UPSTREAM_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How the listener speaks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +198,10 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     /// Rate limiting; `None`: off.
     pub rate_limiting: Option<RateLimiting>,
+    /// How often endpoints given by DNS name are re-resolved.
+    pub upstream_resolve_interval: Duration,
+    /// How each upstream endpoint's breaker trips and recovers.
+    pub upstream_breaker: BreakerConfig,
 }
 
 impl Config {
@@ -210,6 +240,12 @@ impl Config {
                 DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             )?,
             rate_limiting: rate_limiting_from_env(env)?,
+            upstream_resolve_interval: positive(
+                env,
+                ENV_UPSTREAM_RESOLVE_INTERVAL,
+                DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
+            )?,
+            upstream_breaker: BreakerConfig::from_env(env, &UPSTREAM_BREAKER_ENV)?,
         })
     }
 
@@ -237,6 +273,8 @@ impl Config {
             },
             upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             rate_limiting: None,
+            upstream_resolve_interval: DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
+            upstream_breaker: BreakerConfig::default(),
         }
     }
 }
@@ -271,6 +309,14 @@ fn rate_limiting_from_env(env: &Env) -> Result<Option<RateLimiting>, ConfigError
     }
     settings.failure_mode = env.parse_or(ENV_RATELIMIT_FAILURE_MODE, FailureMode::Open)?;
     Ok(Some(settings))
+}
+
+fn positive(env: &Env, name: &str, default: Duration) -> Result<Duration, ConfigError> {
+    let value = env.duration_or(name, default)?;
+    if value.is_zero() {
+        return Err(ConfigError::new(name, "must be positive"));
+    }
+    Ok(value)
 }
 
 fn listener_from_env(env: &Env) -> Result<Listener, ConfigError> {

@@ -29,6 +29,11 @@ pub struct CallDeadline {
 }
 
 impl CallDeadline {
+    /// A deadline at `at`.
+    pub fn at(at: Instant) -> Self {
+        Self { at }
+    }
+
     /// The time left, or `None` when it has passed.
     pub fn remaining(&self) -> Option<Duration> {
         let left = self.at.saturating_duration_since(Instant::now());

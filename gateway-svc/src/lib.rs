@@ -12,9 +12,13 @@
 //!   only module that sees envoy's protobuf types.
 //! - [`deadline`]: unary deadlines (default, cap, remaining budget forwarded).
 //! - [`proxy`]: an upstream endpoint as a tower service (hyper's HTTP/2 client, bodies
-//!   passed through frame by frame), and a cluster of them.
+//!   passed through frame by frame).
+//! - [`balance`]: a cluster of endpoints, a circuit breaker per endpoint gating p2c
+//!   balancing, CIRCUIT_OPEN when every breaker is open, outcomes judged by grpc-status.
+//! - [`resolve`]: endpoints from static addresses or DNS names re-resolved periodically.
 //! - [`tls`]: the listener's rustls configuration from PEM files.
-//! - `grpc`: the admin API (`paysuite.gateway.v1`) — the only module that sees protobuf types.
+//! - `grpc`: the admin API (`paysuite.gateway.v1`: list upstreams and breakers, force a
+//!   breaker open/closed) — the only module that sees protobuf types.
 //!
 //! The stack every proxied call passes through, top-down (after service-kit's server
 //! stack: load shedding, the caller's `grpc-timeout`, the message size limit):
@@ -24,25 +28,32 @@
 //! 4. rate limit the caller (when configured): a refusal never reaches the upstream;
 //! 5. mint the identity token for the cluster's audience;
 //! 6. fix the unary deadline;
-//! 7. the cluster's endpoints (round-robin; breakers and p2c slot in here).
+//! 7. the cluster: CIRCUIT_OPEN when every endpoint's breaker is open, else p2c over the
+//!    endpoints whose breaker admits the call; the outcome feeds the breaker.
+//!
+//! Beside the stack, per cluster: a task re-resolving its DNS names, and a task keeping
+//! the health status of its services NOT_SERVING while all its endpoints are tripped.
 //!
 //! Reflection lists every paysuite service, so `grpcurl gateway:50051 list` shows the
 //! whole API; health and reflection need no key. [`run`] is the whole service behind a
 //! listener; `main` only reads config, sets up telemetry and binds.
 
 pub mod auth;
+pub mod balance;
 pub mod config;
 pub mod deadline;
 mod grpc;
 pub mod keys;
 pub mod proxy;
 pub mod ratelimit;
+pub mod resolve;
 pub mod routes;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -58,11 +69,13 @@ pub use config::Config;
 use service_kit::identity::{GATEWAY_TOKEN_TTL, Minter};
 
 use crate::auth::{AuthenticateLayer, MintIdentityLayer};
+use crate::balance::{Balance, Upstream};
 use crate::config::Listener;
 use crate::deadline::{DeadlineLayer, DeadlineStats};
 use crate::keys::{KeyStore, KeysError};
-use crate::proxy::{Cluster, ConnectSettings, Endpoint, GrpcFuture, GrpcService, status_response};
+use crate::proxy::{ConnectSettings, GrpcFuture, GrpcService, status_response};
 use crate::ratelimit::{RateLimitLayer, RateLimitStats, RateLimiter};
+use crate::resolve::Source;
 use crate::tls::TlsError;
 
 /// Why the gateway could not run.
@@ -93,6 +106,17 @@ pub struct GatewayStats {
     pub server: Arc<service_kit::ServerStats>,
     /// What the rate limiting layer did (all zero when rate limiting is off).
     pub ratelimit: Arc<RateLimitStats>,
+    /// The upstream clusters: endpoints, breakers and their counters.
+    pub upstreams: Arc<[Arc<Upstream>]>,
+}
+
+impl GatewayStats {
+    /// The upstream cluster named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams
+            .iter()
+            .find(|upstream| upstream.name() == name)
+    }
 }
 
 /// The gateway, built and ready to serve.
@@ -101,6 +125,9 @@ pub struct Gateway {
     services: service_kit::ServiceSet,
     stats: GatewayStats,
     config: Config,
+    /// Each cluster's configured endpoints, for re-resolution.
+    sources: Vec<Vec<Source>>,
+    connect: ConnectSettings,
 }
 
 impl Gateway {
@@ -129,14 +156,22 @@ impl Gateway {
             Arc::clone(&config.signing_key),
             GATEWAY_TOKEN_TTL,
         ));
+        let mut upstreams = Vec::new();
+        let mut sources = Vec::new();
         for cluster in config.routes.clusters() {
-            let endpoints = cluster
+            let cluster_sources = cluster
                 .endpoints
                 .iter()
-                .map(|uri| {
-                    Endpoint::new(uri, connect).ok_or_else(|| Error::Endpoint(uri.to_string()))
-                })
+                .map(|uri| Source::from_uri(uri).ok_or_else(|| Error::Endpoint(uri.to_string())))
                 .collect::<Result<Vec<_>, _>>()?;
+            let upstream = Arc::new(Upstream::new(
+                &cluster.name,
+                cluster.services.clone(),
+                config.upstream_breaker.clone(),
+            ));
+            // The first resolution, before serving; a name that does not resolve yet leaves
+            // the cluster empty (UNAVAILABLE) until a re-resolution finds it.
+            resolve::refresh(&upstream, &cluster_sources, connect).await;
             let stack = ServiceBuilder::new()
                 // Who is calling: the API key's caller, holding the RPC's scope.
                 .layer(AuthenticateLayer::new(keys.clone()))
@@ -152,8 +187,8 @@ impl Gateway {
                     config.deadlines,
                     Arc::clone(&deadline_stats),
                 ))
-                // The endpoints (round-robin until breakers and p2c take this place).
-                .service(Cluster::new(endpoints));
+                // The endpoints: breakers gate p2c; all open → CIRCUIT_OPEN at once.
+                .service(Balance::new(Arc::clone(&upstream)));
             let stack = GrpcService::new(stack);
             for service in &cluster.services {
                 routes.insert(service.clone(), stack.clone());
@@ -161,17 +196,22 @@ impl Gateway {
             tracing::info!(
                 cluster = %cluster.name,
                 endpoints = ?cluster.endpoints.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                resolved = ?upstream.endpoints().iter().map(|e| e.address().to_owned()).collect::<Vec<_>>(),
                 services = ?cluster.services,
                 "upstream cluster"
             );
+            upstreams.push(upstream);
+            sources.push(cluster_sources);
         }
+        let upstreams: Arc<[Arc<Upstream>]> = Arc::from(upstreams);
         // The admin API is answered here, behind the same authentication.
         routes.insert(
             grpc::ADMIN_SERVICE.to_owned(),
             GrpcService::new(
                 ServiceBuilder::new()
                     .layer(AuthenticateLayer::new(keys.clone()))
-                    .service(grpc::admin_service()),
+                    .layer(RateLimitLayer::new(limiter.clone()))
+                    .service(grpc::admin_service(Arc::clone(&upstreams))),
             ),
         );
         let mut served: Vec<String> = routes.keys().cloned().collect();
@@ -192,11 +232,14 @@ impl Gateway {
             deadlines: deadline_stats,
             server: services.stats(),
             ratelimit: ratelimit_stats,
+            upstreams,
         };
         Ok(Self {
             services,
             stats,
             config,
+            sources,
+            connect,
         })
     }
 
@@ -217,6 +260,37 @@ impl Gateway {
             let stop = stop.clone();
             tokio::spawn(async move { keys.watch(interval, stop.cancelled_owned()).await })
         };
+        let mut tasks = Vec::new();
+        let health = self.services.health();
+        for (upstream, sources) in self.stats.upstreams.iter().zip(self.sources) {
+            let resolver = resolve::watch(
+                Arc::clone(upstream),
+                sources,
+                self.connect,
+                self.config.upstream_resolve_interval,
+            );
+            let health = report_health(Arc::clone(upstream), health.clone());
+            for task in [
+                Box::pin(resolver) as Pin<Box<dyn Future<Output = ()> + Send>>,
+                Box::pin(health),
+            ] {
+                let stop = stop.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::select! {
+                        () = task => {}
+                        () = stop.cancelled() => {}
+                    }
+                }));
+            }
+        }
+        let shutdown = {
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                // Before the server marks everything NOT_SERVING, so that stays.
+                stop.cancel();
+            }
+        };
         let served =
             service_kit::serve(listener, self.services, &self.config.limits, shutdown).await;
         stop.cancel();
@@ -224,7 +298,27 @@ impl Gateway {
         if self.config.rate_limiting.is_some() {
             self.stats.ratelimit.log();
         }
+        for task in tasks {
+            let _ = task.await;
+        }
         Ok(served?)
+    }
+}
+
+/// Keeps the health status of `upstream`'s services NOT_SERVING while all its endpoints
+/// are tripped, SERVING otherwise.
+async fn report_health(upstream: Arc<Upstream>, health: service_kit::Health) {
+    let mut serving = true;
+    loop {
+        upstream.changed().await;
+        let now_serving = !upstream.all_tripped();
+        if now_serving != serving {
+            serving = now_serving;
+            tracing::info!(upstream = %upstream.name(), serving, "upstream health");
+            for service in upstream.services() {
+                health.set_service_serving(service, serving).await;
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The transparent part: one upstream endpoint as a tower service, and a cluster of them.
+//! The transparent part: one upstream endpoint as a tower service (the cluster of them,
+//! behind breakers and p2c, is in [`crate::balance`]).
 //!
 //! An [`Endpoint`] forwards a call over one shared HTTP/2 connection (hyper's client,
 //! plaintext h2 with prior knowledge) and streams the answer back: request and response
@@ -13,11 +14,15 @@
 //!   prefix): the caller gets that status — as a trailers-only response when no response
 //!   has started, as the trailers of the response otherwise;
 //! - the upstream cannot be reached or drops the stream: UNAVAILABLE.
+//!
+//! [`Endpoint::send`] also says who produced a response ([`Origin`]: the upstream, or the
+//! gateway's own refusal) and hands back a call whose connection failed before its body
+//! was touched ([`Sent::Unsent`]), so the balancer can judge and re-route.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -105,18 +110,37 @@ impl Endpoint {
     }
 }
 
-impl Service<Request<tonic::body::Body>> for Endpoint {
-    type Response = Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = GrpcFuture;
+/// Who produced a response an [`Endpoint`] returns: what the breaker may judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The upstream answered (or broke while answering): judged by its grpc-status.
+    Upstream,
+    /// The gateway refused the call itself (its deadline had passed, the request body was
+    /// refused): says nothing about the upstream.
+    Gateway,
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // hyper's pool queues on its own connection; readiness gates (breakers) wrap this.
-        Poll::Ready(Ok(()))
-    }
+/// What became of a call handed to an [`Endpoint`].
+pub(crate) enum Sent {
+    /// A response to pass on, and who produced it.
+    Answered(Response<tonic::body::Body>, Origin),
+    /// The endpoint could not be reached and the request body was never touched: the
+    /// call may go to another endpoint as it is (the upstream never saw it).
+    Unsent {
+        /// What the caller gets when no other endpoint takes it.
+        status: Status,
+        /// The request body, intact.
+        body: tonic::body::Body,
+    },
+}
 
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let (mut parts, body) = request.into_parts();
+impl Endpoint {
+    /// Sends a call to this endpoint. See [`Sent`] for the outcomes.
+    pub(crate) fn send(
+        &self,
+        mut parts: http::request::Parts,
+        body: tonic::body::Body,
+    ) -> Pin<Box<dyn Future<Output = Sent> + Send>> {
         let path = parts
             .uri
             .path_and_query()
@@ -126,13 +150,17 @@ impl Service<Request<tonic::body::Body>> for Endpoint {
         uri.scheme = Some(self.scheme.clone());
         uri.authority = Some(self.authority.clone());
         uri.path_and_query = Some(path);
+        let refuse = |status: Status| -> Pin<Box<dyn Future<Output = Sent> + Send>> {
+            Box::pin(std::future::ready(Sent::Answered(
+                status_response(&status),
+                Origin::Gateway,
+            )))
+        };
         match Uri::from_parts(uri) {
             Ok(uri) => parts.uri = uri,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot address the upstream");
-                return Box::pin(std::future::ready(Ok(status_response(&Status::internal(
-                    "internal error",
-                )))));
+                return refuse(Status::internal("internal error"));
             }
         }
         parts.version = Version::HTTP_2;
@@ -145,15 +173,17 @@ impl Service<Request<tonic::body::Body>> for Endpoint {
                         .insert("grpc-timeout", grpc_timeout(remaining));
                 }
                 None => {
-                    return Box::pin(std::future::ready(Ok(status_response(
-                        &Status::deadline_exceeded("deadline exceeded before the call was sent"),
-                    ))));
+                    return refuse(Status::deadline_exceeded(
+                        "deadline exceeded before the call was sent",
+                    ));
                 }
             }
         }
         let (refused_tx, mut refused) = oneshot::channel();
+        let untouched = Untouched::new(body);
         let body = WatchedBody {
-            inner: body,
+            untouched: Some(Arc::clone(&untouched)),
+            inner: None,
             refused: Some(refused_tx),
         };
         let upstream = self.authority.clone();
@@ -168,26 +198,53 @@ impl Service<Request<tonic::body::Body>> for Endpoint {
                 }
             };
             tokio::select! {
-                status = refusal => Ok(status_response(&status)),
-                response = response => Ok(match response {
-                    Ok(response) => response.map(|body| {
-                        tonic::body::Body::new(UpstreamBody {
-                            inner: body,
-                            refused: Some(refused),
-                            done: false,
-                        })
-                    }),
+                status = refusal => Sent::Answered(status_response(&status), Origin::Gateway),
+                response = response => match response {
+                    Ok(response) => Sent::Answered(
+                        response.map(|body| {
+                            tonic::body::Body::new(UpstreamBody {
+                                inner: body,
+                                refused: Some(refused),
+                                done: false,
+                            })
+                        }),
+                        Origin::Upstream,
+                    ),
                     Err(err) => {
                         if let Ok(status) = refused.try_recv() {
-                            return Ok(status_response(&status));
+                            return Sent::Answered(status_response(&status), Origin::Gateway);
                         }
                         tracing::debug!(%upstream, error = %err, "upstream call failed");
-                        status_response(&Status::unavailable(format!(
-                            "upstream {upstream} unavailable"
-                        )))
+                        let status = Status::unavailable(format!("upstream {upstream} unavailable"));
+                        match untouched.take_back() {
+                            Some(body) => Sent::Unsent { status, body },
+                            None => Sent::Answered(status_response(&status), Origin::Upstream),
+                        }
                     }
-                }),
+                },
             }
+        })
+    }
+}
+
+impl Service<Request<tonic::body::Body>> for Endpoint {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = GrpcFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // hyper's pool queues on its own connection; the breakers gate in `balance`.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let sent = self.send(parts, body);
+        Box::pin(async move {
+            Ok(match sent.await {
+                Sent::Answered(response, _) => response,
+                Sent::Unsent { status, .. } => status_response(&status),
+            })
         })
     }
 }
@@ -198,54 +255,65 @@ fn grpc_timeout(remaining: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("{millis}m")).unwrap_or(HeaderValue::from_static("1m"))
 }
 
-/// A cluster: interchangeable endpoints. This is the balancer's slot: for now calls go
-/// round-robin; circuit breakers per endpoint and p2c replace this with a tower
-/// balancer over the same [`Endpoint`]s.
-#[derive(Debug, Clone)]
-pub struct Cluster {
-    endpoints: Arc<[Endpoint]>,
-    next: Arc<AtomicUsize>,
+/// A request body not yet touched by hyper, which the sender can take back.
+struct Untouched {
+    body: Mutex<Option<tonic::body::Body>>,
+    /// Set by any look at the body (hyper may have sent END_STREAM from it).
+    touched: AtomicBool,
 }
 
-impl Cluster {
-    /// A cluster of `endpoints` (at least one; the route table guarantees it).
-    pub fn new(endpoints: Vec<Endpoint>) -> Self {
-        Self {
-            endpoints: endpoints.into(),
-            next: Arc::default(),
+impl Untouched {
+    fn new(body: tonic::body::Body) -> Arc<Self> {
+        Arc::new(Self {
+            body: Mutex::new(Some(body)),
+            touched: AtomicBool::new(false),
+        })
+    }
+
+    fn body(&self) -> std::sync::MutexGuard<'_, Option<tonic::body::Body>> {
+        self.body
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The body, if nothing ever looked at it.
+    fn take_back(&self) -> Option<tonic::body::Body> {
+        if self.touched.load(Ordering::Acquire) {
+            return None;
         }
+        self.body().take()
     }
 }
 
-impl Service<Request<tonic::body::Body>> for Cluster {
-    type Response = Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = GrpcFuture;
+/// The request body on its way upstream: frames pass through; a failure (a refused
+/// message) is reported to the response side before hyper resets the stream. Until hyper
+/// first looks at it, the body stays where the sender can take it back: a call whose
+/// connection failed before that was never sent, and may go elsewhere.
+pub(crate) struct WatchedBody {
+    untouched: Option<Arc<Untouched>>,
+    inner: Option<tonic::body::Body>,
+    refused: Option<oneshot::Sender<Status>>,
+}
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let count = self.endpoints.len();
-        if count == 0 {
-            return Box::pin(std::future::ready(Ok(status_response(
-                &Status::unavailable("no upstream endpoint"),
-            ))));
+impl WatchedBody {
+    fn inner(&mut self) -> Option<&mut tonic::body::Body> {
+        if let Some(untouched) = self.untouched.take() {
+            untouched.touched.store(true, Ordering::Release);
+            self.inner = untouched.body().take();
         }
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
-        let mut endpoint = self.endpoints[index].clone();
-        endpoint.call(request)
+        self.inner.as_mut()
     }
-}
 
-pin_project_lite::pin_project! {
-    /// The request body on its way upstream: frames pass through; a failure (a refused
-    /// message) is reported to the response side before hyper resets the stream.
-    pub struct WatchedBody {
-        #[pin]
-        inner: tonic::body::Body,
-        refused: Option<oneshot::Sender<Status>>,
+    /// Reads the body without taking it, marking it touched.
+    fn peek<T>(&self, read: impl FnOnce(Option<&tonic::body::Body>) -> T) -> T {
+        match (&self.untouched, &self.inner) {
+            (_, Some(inner)) => read(Some(inner)),
+            (Some(untouched), None) => {
+                untouched.touched.store(true, Ordering::Release);
+                read(untouched.body().as_ref())
+            }
+            (None, None) => read(None),
+        }
     }
 }
 
@@ -257,8 +325,11 @@ impl Body for WatchedBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let this = self.get_mut();
+        let Some(inner) = this.inner() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
         if let Some(Err(status)) = &frame
             && let Some(refused) = this.refused.take()
         {
@@ -268,11 +339,11 @@ impl Body for WatchedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.peek(|body| body.is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.peek(|body| body.map_or_else(|| SizeHint::with_exact(0), Body::size_hint))
     }
 }
 

@@ -51,6 +51,62 @@ impl Default for BreakerConfig {
     }
 }
 
+/// The environment variables a service reads a [`BreakerConfig`] from.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerEnv {
+    /// Of [`BreakerConfig::consecutive_failures`].
+    pub consecutive_failures: &'static str,
+    /// Of [`BreakerConfig::failure_rate_percent`].
+    pub failure_rate_percent: &'static str,
+    /// Of [`BreakerConfig::minimum_calls`].
+    pub minimum_calls: &'static str,
+    /// Of [`BreakerConfig::window`].
+    pub window: &'static str,
+    /// Of [`BreakerConfig::base_backoff`].
+    pub base_backoff: &'static str,
+    /// Of [`BreakerConfig::max_backoff`].
+    pub max_backoff: &'static str,
+}
+
+impl BreakerConfig {
+    /// Reads the variables `names`, defaulting each unset one; checks the values.
+    pub fn from_env(env: &crate::Env, names: &BreakerEnv) -> Result<Self, crate::ConfigError> {
+        let defaults = Self::default();
+        let config = Self {
+            consecutive_failures: env
+                .parse_or(names.consecutive_failures, defaults.consecutive_failures)?,
+            failure_rate_percent: env
+                .parse_or(names.failure_rate_percent, defaults.failure_rate_percent)?,
+            minimum_calls: env.parse_or(names.minimum_calls, defaults.minimum_calls)?,
+            window: env.duration_or(names.window, defaults.window)?,
+            base_backoff: env.duration_or(names.base_backoff, defaults.base_backoff)?,
+            max_backoff: env.duration_or(names.max_backoff, defaults.max_backoff)?,
+        };
+        if config.consecutive_failures == 0 {
+            return Err(crate::ConfigError::new(
+                names.consecutive_failures,
+                "must be greater than zero",
+            ));
+        }
+        if !(1..=100).contains(&config.failure_rate_percent) {
+            return Err(crate::ConfigError::new(
+                names.failure_rate_percent,
+                "must be between 1 and 100",
+            ));
+        }
+        if config.window.is_zero() {
+            return Err(crate::ConfigError::new(names.window, "must be positive"));
+        }
+        if config.base_backoff.is_zero() || config.base_backoff > config.max_backoff {
+            return Err(crate::ConfigError::new(
+                names.base_backoff,
+                format_args!("must be positive and at most {}", names.max_backoff),
+            ));
+        }
+        Ok(config)
+    }
+}
+
 /// Where a breaker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -108,6 +164,37 @@ struct Inner {
     /// State of the jitter generator (xorshift; quality is irrelevant, spread is not).
     jitter: u64,
     transitions: u64,
+    counts: TransitionCounts,
+}
+
+/// How often a breaker changed state, by the state it entered (for metrics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransitionCounts {
+    /// Entries into `Open` (trips, including failed probes).
+    pub opened: u64,
+    /// Entries into `HalfOpen` (each lets exactly one probe through).
+    pub half_opened: u64,
+    /// Entries into `Closed` from `HalfOpen` (successful probes).
+    pub closed: u64,
+}
+
+/// What a breaker looks like now, read under one lock (for operators).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSnapshot {
+    /// The effective state (an override wins).
+    pub state: BreakerState,
+    /// The operator override in force.
+    pub forced: Override,
+    /// Failures in a row while closed.
+    pub consecutive_failures: u32,
+    /// Calls in the sliding window.
+    pub window_calls: u32,
+    /// Failures in the sliding window.
+    pub window_failures: u32,
+    /// While open: the time until a probe is let through.
+    pub retry_after: Option<Duration>,
+    /// Whether a call would be admitted now (without taking a permit).
+    pub admits: bool,
 }
 
 /// A circuit breaker for one endpoint; cheap to clone (clones share state).
@@ -128,6 +215,11 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// Whether this is the half-open state's single probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// The call succeeded (or failed in a way that says nothing about the dependency).
     pub fn success(mut self) {
         self.reported = true;
@@ -169,6 +261,7 @@ impl CircuitBreaker {
                 forced: Override::Automatic,
                 jitter: u64::from_le_bytes(seed) | 1,
                 transitions: 0,
+                counts: TransitionCounts::default(),
             })),
         }
     }
@@ -201,6 +294,7 @@ impl CircuitBreaker {
                     probe_in_flight: true,
                 };
                 inner.transitions += 1;
+                inner.counts.half_opened += 1;
                 Ok(self.permit(true))
             }
             Phase::Open { until } => Err(Rejected {
@@ -268,6 +362,50 @@ impl CircuitBreaker {
         self.lock().transitions
     }
 
+    /// State changes by the state entered.
+    pub fn transition_counts(&self) -> TransitionCounts {
+        self.lock().counts
+    }
+
+    /// Everything an operator wants to see, consistently.
+    pub fn snapshot(&self) -> BreakerSnapshot {
+        let now = Instant::now();
+        let inner = self.lock();
+        let (window_calls, window_failures) = self.window_totals(&inner, now);
+        let (phase_state, consecutive_failures, retry_after, phase_admits) = match inner.phase {
+            Phase::Closed {
+                consecutive_failures,
+            } => (BreakerState::Closed, consecutive_failures, None, true),
+            Phase::Open { until } => (
+                BreakerState::Open,
+                0,
+                Some(until.saturating_duration_since(now)),
+                now >= until,
+            ),
+            Phase::HalfOpen { probe_in_flight } => {
+                (BreakerState::HalfOpen, 0, None, !probe_in_flight)
+            }
+        };
+        let (state, admits) = match inner.forced {
+            Override::Automatic => (phase_state, phase_admits),
+            Override::ForcedOpen => (BreakerState::Open, false),
+            Override::ForcedClosed => (BreakerState::Closed, true),
+        };
+        BreakerSnapshot {
+            state,
+            forced: inner.forced,
+            consecutive_failures,
+            window_calls,
+            window_failures,
+            retry_after: if inner.forced == Override::Automatic {
+                retry_after
+            } else {
+                None
+            },
+            admits,
+        }
+    }
+
     /// Calls and failures in the current window.
     pub fn window_counts(&self) -> (u32, u32) {
         let now = Instant::now();
@@ -304,6 +442,7 @@ impl CircuitBreaker {
                     inner.trips = 0;
                     inner.buckets = [None; BUCKETS];
                     inner.transitions += 1;
+                    inner.counts.closed += 1;
                 }
             }
             Phase::Closed {
@@ -375,6 +514,7 @@ impl CircuitBreaker {
         inner.phase = Phase::Open { until: now + delay };
         inner.trips = inner.trips.saturating_add(1);
         inner.transitions += 1;
+        inner.counts.opened += 1;
     }
 }
 
@@ -508,6 +648,41 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn one_probe_per_backoff_is_counted_and_the_snapshot_agrees() {
+        let breaker = CircuitBreaker::new(config());
+        for _ in 0..3 {
+            assert!(call(&breaker, true).is_ok());
+        }
+        let snapshot = breaker.snapshot();
+        assert_eq!(snapshot.state, BreakerState::Open);
+        assert!(!snapshot.admits);
+        assert!(
+            snapshot
+                .retry_after
+                .is_some_and(|r| r <= Duration::from_secs(1))
+        );
+        let mut probes = 0;
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(8)).await;
+            assert!(breaker.snapshot().admits, "the backoff has passed");
+            // Many callers at once: one probe, the rest refused.
+            let permits: Vec<_> = (0..10).filter_map(|_| breaker.try_acquire().ok()).collect();
+            assert_eq!(permits.len(), 1);
+            assert!(permits.iter().all(Permit::is_probe));
+            probes += permits.len();
+            permits.into_iter().for_each(Permit::failure);
+        }
+        let counts = breaker.transition_counts();
+        assert_eq!(counts.half_opened, 4);
+        assert_eq!(counts.opened, 5, "the trip, then each failed probe");
+        assert_eq!(probes, 4);
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(call(&breaker, false).is_ok());
+        assert_eq!(breaker.transition_counts().closed, 1);
+        assert_eq!(breaker.snapshot().consecutive_failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn operators_can_force_open_and_closed() {
         let breaker = CircuitBreaker::new(config());
         breaker.set_override(Override::ForcedOpen);
@@ -524,5 +699,36 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(call(&breaker, false).is_ok());
         assert!(breaker.transitions() == 0, "overrides are not transitions");
+    }
+
+    #[test]
+    fn the_config_is_read_from_the_named_variables_and_checked() {
+        const NAMES: BreakerEnv = BreakerEnv {
+            consecutive_failures: "B_FAILURES",
+            failure_rate_percent: "B_RATE",
+            minimum_calls: "B_MIN",
+            window: "B_WINDOW",
+            base_backoff: "B_BASE",
+            max_backoff: "B_MAX",
+        };
+        let read = |pairs: &[(&str, &str)]| {
+            BreakerConfig::from_env(&crate::Env::from_pairs(pairs.iter().copied()), &NAMES)
+        };
+        assert_eq!(read(&[]).ok(), Some(BreakerConfig::default()));
+        let config = read(&[("B_FAILURES", "2"), ("B_BASE", "50ms"), ("B_MAX", "1s")]).ok();
+        assert_eq!(config.as_ref().map(|c| c.consecutive_failures), Some(2));
+        assert_eq!(
+            config.map(|c| (c.base_backoff, c.max_backoff)),
+            Some((Duration::from_millis(50), Duration::from_secs(1)))
+        );
+        for (pairs, variable) in [
+            (&[("B_FAILURES", "0")][..], "B_FAILURES"),
+            (&[("B_RATE", "101")][..], "B_RATE"),
+            (&[("B_WINDOW", "0s")][..], "B_WINDOW"),
+            (&[("B_BASE", "2m")][..], "B_BASE"),
+        ] {
+            let err = read(pairs).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.starts_with(variable), "{pairs:?}: {err}");
+        }
     }
 }

@@ -56,6 +56,17 @@ impl Health {
         self.reporter.set_service_status(READINESS, status).await;
     }
 
+    /// Sets one tracked service's status, e.g. a gateway's upstream whose endpoints are
+    /// all tripped.
+    pub async fn set_service_serving(&self, service_name: &str, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(service_name, status).await;
+    }
+
     async fn set_all(&self, status: ServingStatus) {
         for name in &self.names {
             self.reporter.set_service_status(name, status).await;

@@ -379,3 +379,116 @@ pub async fn rate_limited(
     )
     .await
 }
+
+/// Scopes of an operator: a tenant's plus `admin` (the gateway's admin API).
+pub const ADMIN_SCOPES: [&str; 3] = ["payments:read", "payments:write", "admin"];
+
+/// Breakers that trip after `consecutive_failures` failures in a row and probe after
+/// `base_backoff` (up to twice that), so tests see trips and probes soon.
+pub fn quick_breakers(config: &mut Config, consecutive_failures: u32, base_backoff: Duration) {
+    config.upstream_breaker = service_kit::breaker::BreakerConfig {
+        consecutive_failures,
+        base_backoff,
+        max_backoff: base_backoff * 2,
+        ..Default::default()
+    };
+}
+
+/// A payment-svc binary on `database`, at `listen` when given (a replica restarted on
+/// the address it had), for tests that kill it.
+pub async fn spawn_payment_svc(
+    database: &crate::postgres::TestDatabase,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<crate::process::SpawnedService> {
+    let mut envs = vec![
+        ("DATABASE_URL", database.service_url()),
+        ("DATABASE_MIGRATION_URL", database.owner_url()),
+    ];
+    if let Some(listen) = listen {
+        envs.push(("LISTEN_ADDR", listen.to_string()));
+    }
+    crate::process::SpawnedService::start("payment-svc", &envs).await
+}
+
+/// Waits until `check` holds, at most [`crate::LIVENESS`], naming `what` when it does not.
+pub async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let started = tokio::time::Instant::now();
+    while !check().await? {
+        anyhow::ensure!(
+            started.elapsed() < crate::LIVENESS,
+            "not within {:?}: {what}",
+            crate::LIVENESS
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Whether `status` is the gateway's UNAVAILABLE/CIRCUIT_OPEN refusal.
+pub fn is_circuit_open(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && crate::payments::reason(status).as_deref() == Some(gateway_svc::balance::CIRCUIT_OPEN)
+}
+
+impl TestGateway {
+    /// The upstream cluster `name` (its endpoints, breakers and counters).
+    pub fn upstream(&self, name: &str) -> anyhow::Result<Arc<gateway_svc::balance::Upstream>> {
+        self.stats
+            .upstream(name)
+            .cloned()
+            .with_context(|| format!("no upstream {name}"))
+    }
+
+    /// The endpoint at `address` of upstream `name`.
+    pub fn upstream_endpoint(
+        &self,
+        name: &str,
+        address: SocketAddr,
+    ) -> anyhow::Result<Arc<gateway_svc::balance::UpstreamEndpoint>> {
+        self.upstream(name)?
+            .endpoint(&address.to_string())
+            .with_context(|| format!("upstream {name} has no endpoint {address}"))
+    }
+
+    /// Sets a breaker override through the admin API, with `key`.
+    pub async fn set_breaker(
+        &self,
+        key: &str,
+        upstream: &str,
+        address: SocketAddr,
+        forced: proto::gateway::v1::BreakerOverride,
+    ) -> anyhow::Result<proto::gateway::v1::Endpoint> {
+        use proto::gateway::v1::gateway_admin_service_client::GatewayAdminServiceClient;
+        let mut admin = GatewayAdminServiceClient::new(self.channel().await?);
+        let request = proto::gateway::v1::SetBreakerStateRequest {
+            upstream: upstream.to_owned(),
+            address: address.to_string(),
+            r#override: forced as i32,
+        };
+        admin
+            .set_breaker_state(with_key(request, key)?)
+            .await?
+            .into_inner()
+            .endpoint
+            .context("SetBreakerState answered no endpoint")
+    }
+
+    /// The health status the gateway reports for `service`.
+    pub async fn health(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<tonic_health::pb::health_check_response::ServingStatus> {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let response = HealthClient::new(self.channel().await?)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await?;
+        Ok(response.into_inner().status())
+    }
+}

@@ -8,6 +8,7 @@ mod canary;
 mod database;
 mod envoy;
 mod gateway;
+mod gateway_breaker;
 mod gateway_ratelimit;
 mod identity;
 mod jobs;
