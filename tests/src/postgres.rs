@@ -24,6 +24,9 @@ pub struct TestDatabase {
     superuser_url: String,
 }
 
+/// Serializes the test roles' setup between tests running in parallel.
+const ROLES_LOCK: i64 = 0x7465_7374_726f_6c65;
+
 impl TestDatabase {
     /// Creates an empty database owned by [`OWNER_ROLE`].
     pub async fn create() -> anyhow::Result<Self> {
@@ -32,20 +35,28 @@ impl TestDatabase {
         let host = parsed.host_str().unwrap_or("127.0.0.1").to_owned();
         let port = parsed.port().unwrap_or(5432);
         let mut admin = PgConnection::connect(&superuser_url).await?;
+        // Tests run in parallel, and concurrent changes to one role fail ("tuple
+        // concurrently updated"): one test at a time sets the roles up, once.
+        let mut setup = admin.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ROLES_LOCK)
+            .execute(&mut *setup)
+            .await?;
         for role in [OWNER_ROLE, SERVICE_ROLE] {
-            // Tests run in parallel: tolerate another test creating the role first.
             let statement = format!(
-                "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{TEST_PASSWORD}'; \
-                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN \
+                 CREATE ROLE {role} LOGIN PASSWORD '{TEST_PASSWORD}'; END IF; END $$"
             );
-            admin.execute(sqlx::AssertSqlSafe(statement)).await?;
+            setup.execute(sqlx::AssertSqlSafe(statement)).await?;
         }
         // The owner sets the service role's timeouts when it migrates (CREATEROLE).
-        admin
+        setup
             .execute(sqlx::AssertSqlSafe(format!(
-                "ALTER ROLE {OWNER_ROLE} CREATEROLE"
+                "DO $$ BEGIN IF NOT (SELECT rolcreaterole FROM pg_roles WHERE rolname = '{OWNER_ROLE}') THEN \
+                 ALTER ROLE {OWNER_ROLE} CREATEROLE; END IF; END $$"
             )))
             .await?;
+        setup.commit().await?;
         let name = format!("test_{}", uuid::Uuid::new_v4().simple());
         admin
             .execute(sqlx::AssertSqlSafe(format!(

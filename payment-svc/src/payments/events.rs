@@ -165,9 +165,12 @@ pub async fn current_cursor(
     ))
 }
 
-/// Whether `owner_id` has events after `cursor` that [`after`] cannot deliver yet: their
-/// transactions (or an older one still running) have not ended. Streams then look again
-/// shortly — a transaction that rolls back or dies sends no notification.
+/// Whether `owner_id` has any event after `cursor`. Asked after [`after`] found nothing:
+/// such events wait behind a transaction that had not ended — or ended since, between the
+/// two statements — and streams then look again shortly, because a transaction that rolls
+/// back or dies sends no notification. (Asking only for events still held back would miss
+/// a transaction that ended in between: nothing would be held back any more, nothing
+/// delivered, and the stream would wait for its slow poll.)
 pub async fn held_back(
     connection: &mut PgConnection,
     owner_id: &str,
@@ -175,7 +178,7 @@ pub async fn held_back(
 ) -> Result<bool, Error> {
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM payment_events WHERE owner_id = $1 \
-           AND (xid::text::bigint, id) > ($2, $3) AND xid >= pg_snapshot_xmin(pg_current_snapshot()))",
+           AND (xid::text::bigint, id) > ($2, $3))",
     )
     .bind(owner_id)
     .bind(cursor.xid)

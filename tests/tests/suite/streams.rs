@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use payment_svc::payments::events;
 use proto::payments::v1 as pb;
 use sqlx::{Connection, PgConnection};
 use tests::payments::{Tenant, cards, payment_request};
@@ -216,6 +217,57 @@ async fn payment_events_arrive_once_in_cursor_order_despite_late_commits() -> an
     drop(resumed);
     first.stop().await?;
     second.stop().await
+}
+
+/// A transaction that commits between a stream's read (nothing deliverable yet) and its
+/// held-back check must still make the stream look again soon: its events are no longer
+/// held back, but they were not delivered either, and no notification will come.
+#[tokio::test]
+async fn an_event_committed_between_the_read_and_the_held_back_check_is_looked_for_again()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (service, alice) = replica(&database).await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let seed = alice
+        .pay(payment_request(
+            "seed",
+            &merchant,
+            100,
+            cards::CARD_APPROVED,
+        ))
+        .await?
+        .into_inner()
+        .payment
+        .unwrap_or_default();
+    let mut reader = PgConnection::connect(&database.owner_url()).await?;
+    let (xid, id): (i64, i64) = sqlx::query_as(
+        "SELECT xid::text::bigint, id FROM payment_events WHERE payment_id = $1 ORDER BY xid DESC, id DESC LIMIT 1",
+    )
+    .bind(&seed.id)
+    .fetch_one(&mut reader)
+    .await?;
+    let cursor = events::Cursor { xid, id };
+
+    let mut late = PgConnection::connect(&database.owner_url()).await?;
+    let mut late_tx = late.begin().await?;
+    sqlx::query(
+        "INSERT INTO payment_events (owner_id, type, payment_id, status, amount_captured, \
+         amount_refunded, changed_at) VALUES ('alice', 'payment.succeeded', $1, 'succeeded', 100, 0, now())",
+    )
+    .bind(&seed.id)
+    .execute(&mut *late_tx)
+    .await?;
+    let read = events::after(&mut reader, "alice", cursor, 10).await?;
+    assert!(read.is_empty(), "an open transaction's event was delivered");
+    late_tx.commit().await?;
+    assert!(
+        events::held_back(&mut reader, "alice", cursor).await?,
+        "the stream would wait for its slow poll"
+    );
+    service.stop().await
 }
 
 /// The id of the seed payment's last event (the stream starts after it).
