@@ -40,6 +40,7 @@ use tower_service::Service;
 
 use crate::deadline::CallDeadline;
 use crate::proxy::{Endpoint, GrpcFuture, Origin, Sent, status_response};
+use crate::retry::{self, Buffered, MAX_REPLAY_BYTES, MAX_RETRIES, RetryBudget, RetryBudgetConfig};
 
 /// The `ErrorInfo.reason` of a call refused because every breaker is open.
 pub const CIRCUIT_OPEN: &str = "CIRCUIT_OPEN";
@@ -132,6 +133,12 @@ pub struct UpstreamCounters {
     pub endpoints_added: AtomicU64,
     /// Endpoints removed by re-resolution.
     pub endpoints_removed: AtomicU64,
+    /// Calls dispatched to the cluster (each deposits into the retry budget).
+    pub requests: AtomicU64,
+    /// Retries sent (another attempt of a call that failed before any response).
+    pub retries: AtomicU64,
+    /// Retries the budget refused: the failure went back to the caller.
+    pub retries_over_budget: AtomicU64,
 }
 
 /// An upstream cluster: interchangeable endpoints serving the same services.
@@ -140,6 +147,7 @@ pub struct Upstream {
     name: String,
     services: Vec<String>,
     breaker_config: BreakerConfig,
+    retry_budget: RetryBudget,
     endpoints: RwLock<Arc<[Arc<UpstreamEndpoint>]>>,
     counters: UpstreamCounters,
     /// Woken when a breaker may have changed state or the endpoints changed.
@@ -149,7 +157,12 @@ pub struct Upstream {
 
 impl Upstream {
     /// A cluster named `name` answering `services`, with no endpoints yet.
-    pub fn new(name: &str, services: Vec<String>, breaker_config: BreakerConfig) -> Self {
+    pub fn new(
+        name: &str,
+        services: Vec<String>,
+        breaker_config: BreakerConfig,
+        retry_budget: RetryBudgetConfig,
+    ) -> Self {
         let mut seed = [0u8; 8];
         // Without OS randomness the choices are merely predictable, never unsafe.
         let _ = getrandom::fill(&mut seed);
@@ -157,6 +170,7 @@ impl Upstream {
             name: name.to_owned(),
             services,
             breaker_config,
+            retry_budget: RetryBudget::new(retry_budget),
             endpoints: RwLock::new(Arc::from(Vec::new())),
             counters: UpstreamCounters::default(),
             changed: Notify::new(),
@@ -446,25 +460,44 @@ async fn dispatch(
             upstream.name
         )));
     }
+    upstream.counters.requests.fetch_add(1, Ordering::Relaxed);
+    upstream.retry_budget.deposit();
     let deadline = request.extensions().get::<CallDeadline>().copied();
-    let (parts, mut body) = request.into_parts();
+    let retryable = retry::retryable_method(request.uri().path());
+    let (parts, body) = request.into_parts();
+    // A call that may be retried keeps its (small) body to send again.
+    let (mut body, replay) = if retryable {
+        match retry::buffer(body, MAX_REPLAY_BYTES).await {
+            Buffered::Replayable(bytes) => (replay_body(&bytes), Some(bytes)),
+            Buffered::Streamed(body) => (body, None),
+            Buffered::Refused(status) => return status_response(&status),
+        }
+    } else {
+        (body, None)
+    };
     let mut tried: Vec<usize> = Vec::new();
     let mut last_unsent: Option<Status> = None;
+    let mut last_failed: Option<Response<tonic::body::Body>> = None;
+    let mut retries = 0;
     loop {
         let (index, permit) = match upstream.choose(&endpoints, &tried) {
             Ok(chosen) => chosen,
             Err(retry_after) => {
-                return match (last_unsent, retry_after) {
+                return match (last_failed, last_unsent, retry_after) {
+                    // An attempt failed and no endpoint is left for a retry: its answer.
+                    (Some(response), _, _) => response,
                     // Some endpoint was tried and unreachable: that is the answer.
-                    (Some(status), _) => status_response(&status),
-                    (None, retry_after) => upstream.circuit_open(retry_after.unwrap_or_default()),
+                    (None, Some(status), _) => status_response(&status),
+                    (None, None, retry_after) => {
+                        upstream.circuit_open(retry_after.unwrap_or_default())
+                    }
                 };
             }
         };
         let endpoint = &endpoints[index];
         let mut attempt = Attempt::new(&upstream, endpoint, permit, deadline);
-        // Keep the request head for another endpoint only while there is one to try.
-        let head = if tried.len() + 1 < endpoints.len() {
+        // Keep the request head for another attempt only while one may follow.
+        let head = if replay.is_some() || tried.len() + 1 < endpoints.len() {
             parts.clone()
         } else {
             return answer(attempt, endpoint.endpoint.send(parts, body).await);
@@ -479,9 +512,37 @@ async fn dispatch(
                 last_unsent = Some(status);
                 body = back;
             }
-            sent => return answer(attempt, sent),
+            sent => {
+                let response = answer(attempt, sent);
+                tried.push(index);
+                let Some(bytes) = replay.as_ref().filter(|_| {
+                    retries < MAX_RETRIES
+                        && tried.len() < endpoints.len()
+                        && retry::failed_before_headers(&response)
+                        && deadline.is_none_or(|deadline| deadline.remaining().is_some())
+                }) else {
+                    return response;
+                };
+                if !upstream.retry_budget.withdraw() {
+                    upstream
+                        .counters
+                        .retries_over_budget
+                        .fetch_add(1, Ordering::Relaxed);
+                    return response;
+                }
+                upstream.counters.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(upstream = %upstream.name, endpoint = %endpoint.address, "retrying on another endpoint");
+                retries += 1;
+                last_failed = Some(response);
+                body = replay_body(bytes);
+            }
         }
     }
+}
+
+/// A request body that sends `bytes` again.
+fn replay_body(bytes: &Bytes) -> tonic::body::Body {
+    tonic::body::Body::new(http_body_util::Full::new(bytes.clone()))
 }
 
 /// The response to pass on, with the attempt judged now (trailers-only) or when the
@@ -630,6 +691,7 @@ mod tests {
                 consecutive_failures: 1,
                 ..BreakerConfig::default()
             },
+            RetryBudgetConfig::default(),
         ));
         let wanted: Vec<(String, usize)> = addresses.iter().map(|a| ((*a).to_owned(), 0)).collect();
         upstream.set_endpoints(&wanted, |address| {

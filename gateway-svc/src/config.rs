@@ -11,6 +11,7 @@ use service_kit::identity::SigningKey;
 use service_kit::{ConfigError, Env, ServerLimits};
 
 use crate::keys::Pepper;
+use crate::retry::{MAX_RETRY_MIN_PER_SECOND, RetryBudgetConfig};
 use crate::routes::RouteTable;
 
 /// `LISTEN_ADDR`: the gRPC listen address.
@@ -45,6 +46,10 @@ pub const ENV_DEADLINE_MAX: &str = "DEADLINE_MAX";
 pub const ENV_UPSTREAM_CONNECT_TIMEOUT: &str = "UPSTREAM_CONNECT_TIMEOUT";
 /// `UPSTREAM_RESOLVE_INTERVAL`: how often endpoints given by DNS name are re-resolved.
 pub const ENV_UPSTREAM_RESOLVE_INTERVAL: &str = "UPSTREAM_RESOLVE_INTERVAL";
+/// `UPSTREAM_RETRY_BUDGET_PERCENT`: retries allowed per 100 calls to a cluster.
+pub const ENV_UPSTREAM_RETRY_BUDGET_PERCENT: &str = "UPSTREAM_RETRY_BUDGET_PERCENT";
+/// `UPSTREAM_RETRY_MIN_PER_SECOND`: retries allowed per second whatever the traffic.
+pub const ENV_UPSTREAM_RETRY_MIN_PER_SECOND: &str = "UPSTREAM_RETRY_MIN_PER_SECOND";
 /// `UPSTREAM_BREAKER_CONSECUTIVE_FAILURES`: failures in a row that trip an endpoint's breaker.
 pub const ENV_UPSTREAM_BREAKER_CONSECUTIVE_FAILURES: &str = "UPSTREAM_BREAKER_CONSECUTIVE_FAILURES";
 /// `UPSTREAM_BREAKER_FAILURE_RATE_PERCENT`: the failure rate over the window that trips it.
@@ -202,6 +207,8 @@ pub struct Config {
     pub upstream_resolve_interval: Duration,
     /// How each upstream endpoint's breaker trips and recovers.
     pub upstream_breaker: BreakerConfig,
+    /// How much each upstream cluster may be retried.
+    pub upstream_retry_budget: RetryBudgetConfig,
 }
 
 impl Config {
@@ -246,6 +253,7 @@ impl Config {
                 DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
             )?,
             upstream_breaker: BreakerConfig::from_env(env, &UPSTREAM_BREAKER_ENV)?,
+            upstream_retry_budget: retry_budget_from_env(env)?,
         })
     }
 
@@ -275,6 +283,7 @@ impl Config {
             rate_limiting: None,
             upstream_resolve_interval: DEFAULT_UPSTREAM_RESOLVE_INTERVAL,
             upstream_breaker: BreakerConfig::default(),
+            upstream_retry_budget: RetryBudgetConfig::default(),
         }
     }
 }
@@ -309,6 +318,27 @@ fn rate_limiting_from_env(env: &Env) -> Result<Option<RateLimiting>, ConfigError
     }
     settings.failure_mode = env.parse_or(ENV_RATELIMIT_FAILURE_MODE, FailureMode::Open)?;
     Ok(Some(settings))
+}
+
+fn retry_budget_from_env(env: &Env) -> Result<RetryBudgetConfig, ConfigError> {
+    let defaults = RetryBudgetConfig::default();
+    let budget = RetryBudgetConfig {
+        percent: env.parse_or(ENV_UPSTREAM_RETRY_BUDGET_PERCENT, defaults.percent)?,
+        min_per_second: env.parse_or(ENV_UPSTREAM_RETRY_MIN_PER_SECOND, defaults.min_per_second)?,
+    };
+    if budget.percent > 100 {
+        return Err(ConfigError::new(
+            ENV_UPSTREAM_RETRY_BUDGET_PERCENT,
+            "must be between 0 and 100",
+        ));
+    }
+    if budget.min_per_second > MAX_RETRY_MIN_PER_SECOND {
+        return Err(ConfigError::new(
+            ENV_UPSTREAM_RETRY_MIN_PER_SECOND,
+            format!("must be at most {MAX_RETRY_MIN_PER_SECOND}"),
+        ));
+    }
+    Ok(budget)
 }
 
 fn positive(env: &Env, name: &str, default: Duration) -> Result<Duration, ConfigError> {

@@ -15,6 +15,7 @@
 //!   passed through frame by frame).
 //! - [`balance`]: a cluster of endpoints, a circuit breaker per endpoint gating p2c
 //!   balancing, CIRCUIT_OPEN when every breaker is open, outcomes judged by grpc-status.
+//! - [`retry`]: which calls may be retried, their replayable bodies, the retry budget.
 //! - [`resolve`]: endpoints from static addresses or DNS names re-resolved periodically.
 //! - [`tls`]: the listener's rustls configuration from PEM files.
 //! - `grpc`: the admin API (`paysuite.gateway.v1`: list upstreams and breakers, force a
@@ -29,7 +30,9 @@
 //! 5. mint the identity token for the cluster's audience;
 //! 6. fix the unary deadline;
 //! 7. the cluster: CIRCUIT_OPEN when every endpoint's breaker is open, else p2c over the
-//!    endpoints whose breaker admits the call; the outcome feeds the breaker.
+//!    endpoints whose breaker admits the call; the outcome feeds the breaker; a unary
+//!    call that failed before any response is retried on another endpoint when its
+//!    method is idempotent and the cluster's retry budget allows ([`retry`]).
 //!
 //! Beside the stack, per cluster: a task re-resolving its DNS names, and a task keeping
 //! the health status of its services NOT_SERVING while all its endpoints are tripped.
@@ -47,6 +50,7 @@ pub mod keys;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resolve;
+pub mod retry;
 pub mod routes;
 pub mod tls;
 
@@ -168,6 +172,7 @@ impl Gateway {
                 &cluster.name,
                 cluster.services.clone(),
                 config.upstream_breaker.clone(),
+                config.upstream_retry_budget,
             ));
             // The first resolution, before serving; a name that does not resolve yet leaves
             // the cluster empty (UNAVAILABLE) until a re-resolution finds it.

@@ -1,7 +1,7 @@
 //! Service binaries as real processes, for tests that signal or kill them.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,7 +103,32 @@ impl SpawnedService {
     /// Starts `binary` with `envs` (plus `LISTEN_ADDR=127.0.0.1:0` unless given) and waits
     /// until its log says where it is serving.
     pub async fn start(binary: &str, envs: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut command = Command::new(binary_path(binary)?);
+        Self::spawn(binary, Command::new(binary_path(binary)?), envs).await
+    }
+
+    /// Starts `binary` as [`Self::start`] does, in a mount namespace of its own where
+    /// `/etc/hosts` is `hosts`, bind-mounted: rewriting `hosts` in place (not by rename)
+    /// changes what the process resolves, as a DNS update would. Needs root, as the suite
+    /// has on its CI machine; the process keeps its pid (`unshare` and `sh` exec it).
+    pub async fn start_with_hosts(
+        binary: &str,
+        envs: &[(&str, String)],
+        hosts: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$1""#)
+            .arg(hosts)
+            .arg(binary_path(binary)?);
+        Self::spawn(binary, command, envs).await
+    }
+
+    async fn spawn(
+        binary: &str,
+        mut command: Command,
+        envs: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -358,10 +358,20 @@ async fn keys_removed_from_or_added_to_the_file_apply_without_a_restart() -> any
 }
 
 #[tokio::test]
-async fn watch_balance_through_the_gateway_delivers_live_updates() -> anyhow::Result<()> {
+async fn watch_balance_through_the_gateway_delivers_live_updates_and_streams_take_no_unary_slot()
+-> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let payment = services::payment(&database).await?;
-    let gateway = gateway_for(&payment).await?;
+    // One unary call per connection: the streams below share the connection with the
+    // unary calls, and must not take that slot.
+    let gateway = TestGateway::start_with(
+        GatewayOptions {
+            payment: payment.endpoint(),
+            ..Default::default()
+        },
+        |config| config.limits.max_unary_per_connection = 1,
+    )
+    .await?;
     let key = gateway
         .add_key("streamer", &WRITE_SCOPES, "standard")
         .await?;
@@ -400,6 +410,23 @@ async fn watch_balance_through_the_gateway_delivers_live_updates() -> anyhow::Re
         .await?
         .transpose()?;
     assert_eq!(amount(first), Some(0));
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let mut other = client
+            .watch_balance(with_key(
+                pb::WatchBalanceRequest {
+                    account_id: merchant.clone(),
+                },
+                &key,
+            )?)
+            .await?
+            .into_inner();
+        let first = tokio::time::timeout(tests::LIVENESS, other.next())
+            .await?
+            .transpose()?;
+        assert_eq!(amount(first), Some(0));
+        others.push(other);
+    }
     for (index, total) in [(1, 1_000), (2, 2_000)] {
         client
             .create_payment(with_key(
@@ -417,6 +444,16 @@ async fn watch_balance_through_the_gateway_delivers_live_updates() -> anyhow::Re
             .transpose()?;
         assert_eq!(amount(next), Some(total));
     }
+    // Three streams open on the connection, and no unary call was ever shed.
+    assert_eq!(
+        gateway
+            .stats()
+            .server
+            .unary_calls_shed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    drop(others);
     drop(stream);
     gateway.stop().await?;
     payment.stop().await
@@ -832,4 +869,139 @@ async fn spawned_frozen_upstream_unary_calls_end_at_the_default_or_capped_deadli
     payment.resume()?;
     drop(stream);
     gateway.stop().await
+}
+
+/// A ratelimit API that records the `grpc-timeout` each call arrives with: what an
+/// upstream behind the gateway is told about its caller's remaining budget.
+#[derive(Debug, Clone, Default)]
+struct TimeoutRecorder {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+}
+
+#[tonic::async_trait]
+impl proto::ratelimit::v1::rate_limit_service_server::RateLimitService for TimeoutRecorder {
+    async fn check(
+        &self,
+        request: tonic::Request<proto::ratelimit::v1::CheckRequest>,
+    ) -> Result<tonic::Response<proto::ratelimit::v1::CheckResponse>, tonic::Status> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        self.seen
+            .lock()
+            .map_err(|_| tonic::Status::internal("poisoned"))?
+            .push(timeout);
+        Ok(tonic::Response::new(Default::default()))
+    }
+
+    async fn peek(
+        &self,
+        _request: tonic::Request<proto::ratelimit::v1::PeekRequest>,
+    ) -> Result<tonic::Response<proto::ratelimit::v1::PeekResponse>, tonic::Status> {
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// A `grpc-timeout` value (`<digits><unit>`) as a duration.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[tokio::test]
+async fn the_upstream_is_told_the_remaining_budget_the_default_or_the_capped_deadline()
+-> anyhow::Result<()> {
+    use proto::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient;
+    use proto::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer;
+
+    const DEFAULT: Duration = Duration::from_secs(7);
+    const MAX: Duration = Duration::from_secs(40);
+    let recorder = TimeoutRecorder::default();
+    let upstream = RunningService::start({
+        let recorder = recorder.clone();
+        |listener, stopped| async move {
+            let services = service_kit::ServiceSet::new("recorder")
+                .add_service(RateLimitServiceServer::new(recorder));
+            service_kit::serve(
+                listener,
+                services,
+                &service_kit::ServerLimits::default(),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let gateway = TestGateway::start_with(
+        GatewayOptions {
+            ratelimit: upstream.endpoint(),
+            ..Default::default()
+        },
+        |config| {
+            config.deadlines = gateway_svc::config::Deadlines {
+                default: DEFAULT,
+                max: MAX,
+            }
+        },
+    )
+    .await?;
+    let key = gateway
+        .add_key("acme", &["ratelimit:check"], "standard")
+        .await?;
+    let mut client = RateLimitServiceClient::new(gateway.channel().await?);
+    let check = |timeout: Option<Duration>| -> anyhow::Result<_> {
+        let mut request = with_key(
+            proto::ratelimit::v1::CheckRequest {
+                key: "k".to_owned(),
+                ..Default::default()
+            },
+            &key,
+        )?;
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        Ok(request)
+    };
+    // No deadline → the default; 20 s → what is left of 20 s; 10 min → the cap.
+    for timeout in [
+        None,
+        Some(Duration::from_secs(20)),
+        Some(Duration::from_secs(600)),
+    ] {
+        client.check(check(timeout)?).await?;
+    }
+    let seen: Vec<Option<Duration>> = recorder
+        .seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .map(|value| value.as_deref().and_then(parse_grpc_timeout))
+        .collect();
+    let expected = [DEFAULT, Duration::from_secs(20), MAX];
+    assert_eq!(seen.len(), expected.len(), "{seen:?}");
+    for (seen, full) in seen.iter().zip(expected) {
+        let seen = seen.ok_or_else(|| anyhow::anyhow!("a call arrived without grpc-timeout"))?;
+        // What is left when the gateway sends: at most the full budget, and not more than
+        // the liveness bound below it (the gateway spends milliseconds here).
+        assert!(
+            seen <= full && seen + tests::LIVENESS.min(full / 2) > full,
+            "the upstream saw {seen:?} of {full:?}"
+        );
+    }
+    gateway.stop().await?;
+    upstream.stop().await
 }

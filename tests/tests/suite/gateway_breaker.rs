@@ -351,6 +351,24 @@ async fn spawned_two_replicas_share_the_load_and_a_killed_one_fails_only_calls_i
         failed.iter().all(|s| s.code() == Code::Unavailable),
         "{failed:?}"
     );
+    // Calls cut off by the kill were retried on the survivor, within the budget: 20% of
+    // the calls plus the reserve of 10 per second over its 10 s window.
+    let counters = gateway.upstream(PAYMENTS)?;
+    let (requests, retries) = (
+        counters.counters().requests.load(Relaxed),
+        counters.counters().retries.load(Relaxed),
+    );
+    let budget = gateway_svc::retry::RetryBudgetConfig::default();
+    let allowed =
+        requests * u64::from(budget.percent) / 100 + u64::from(budget.min_per_second) * 10;
+    assert!(
+        retries <= allowed,
+        "{retries} retries of {requests} calls exceed the budget of {allowed}"
+    );
+    assert!(
+        retries <= WORKERS as u64 * 2,
+        "only calls in flight at the kill are retried: {retries}"
+    );
     gateway.stop().await
 }
 
