@@ -4,11 +4,12 @@
 //!
 //! Every call is `paysuite.ratelimit.v1.RateLimitService/Check` with cost 1 on a key drawn
 //! from a large key space ([`KEY_SPACE`]) under a sliding window of [`LIMIT`] per
-//! [`WINDOW`] (the [`super::check`] workload), so calls are admitted and every one runs the whole script on Redis. Redis
-//! is flushed before each run of ratelimit-svc and of the ceiling, so each starts from the
-//! same empty store; its EVALSHA counter (`INFO commandstats`, reset before each run)
-//! proves the calls reached Redis. Targets (DESIGN §9): ratelimit-svc throughput ≥ 50% of
-//! the no-op's, and its p99 ≤ 2× the no-op's at the same rate.
+//! [`WINDOW`] (the [`super::check`] workload), so calls are admitted and every one runs
+//! the whole script on Redis. Redis is flushed before each run of ratelimit-svc and of the
+//! ceiling, so each starts from the same empty store; its EVALSHA counter (`INFO
+//! commandstats`, reset before each run) proves the calls reached Redis. Targets (DESIGN
+//! §9): ratelimit-svc throughput ≥ 50% of the no-op's, and its p99 ≤ 2× the no-op's at the
+//! same rate.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
