@@ -269,7 +269,10 @@ impl ScenarioReport {
             .collect();
         if !overloaded.is_empty() {
             notes.push(format!(
-                "Past capacity at the open-loop rate: {} completed fewer than 99% of the                  calls due (or failed more than 1%). Their open-loop latencies are those of                  a queue that grows for the whole run (calls time out after 5 s), not of a                  target keeping up, and latency ratios involving them compare overloads.",
+                "Past capacity at the open-loop rate: {} completed fewer than 99% of the \
+                 calls due (or failed more than 1%). Their open-loop latencies are those of \
+                 a queue that grows for the whole run (calls time out after 5 s), not of a \
+                 target keeping up, and latency ratios involving them compare overloads.",
                 overloaded.join(", ")
             ));
         }
