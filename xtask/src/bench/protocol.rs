@@ -248,6 +248,41 @@ pub fn ratio(
     )
 }
 
+/// Per-round differences `subject − baseline` of `metric`, paired by round: what the
+/// subject adds over the baseline (e.g. a proxy in front of the service).
+pub fn added(
+    subject: &[Measurement],
+    baseline: &[Measurement],
+    metric: impl Fn(&Measurement) -> f64,
+) -> Vec<f64> {
+    subject
+        .iter()
+        .zip(baseline)
+        .map(|(subject, base)| metric(subject) - metric(base))
+        .collect()
+}
+
+/// Per-round ratios of what `subject` and `reference` add over `baseline`:
+/// `(subject − baseline) / (reference − baseline)` of `metric`, paired by round. Rounds in
+/// which the reference adds nothing (a difference ≤ 0, within the noise) have no ratio
+/// and are left out.
+pub fn added_ratio(
+    subject: &[Measurement],
+    reference: &[Measurement],
+    baseline: &[Measurement],
+    metric: impl Fn(&Measurement) -> f64,
+) -> Spread {
+    let subject = added(subject, baseline, &metric);
+    let reference = added(reference, baseline, &metric);
+    Spread::of(
+        subject
+            .iter()
+            .zip(&reference)
+            .filter(|(_, reference)| **reference > 0.0)
+            .map(|(subject, reference)| subject / reference),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,9 +301,8 @@ mod tests {
         assert!(Spread::of([1.0, 1.0, 1.2]).is_noisy());
     }
 
-    #[test]
-    fn ratios_pair_rounds() {
-        let run = |throughput: f64| Measurement {
+    fn run(throughput: f64) -> Measurement {
+        Measurement {
             ok: 1,
             errors: 0,
             error_kinds: Default::default(),
@@ -282,7 +316,26 @@ mod tests {
             send_lag_p99_us: None,
             generator_cpu: None,
             subject_cpu: None,
-        };
+        }
+    }
+
+    #[test]
+    fn added_ratios_pair_rounds_and_skip_rounds_where_the_reference_adds_nothing() {
+        let baseline = [run(100.0), run(100.0), run(100.0)];
+        let reference = [run(200.0), run(150.0), run(90.0)];
+        let subject = [run(150.0), run(200.0), run(500.0)];
+        assert_eq!(
+            added(&subject, &baseline, |m| m.throughput),
+            [50.0, 100.0, 400.0]
+        );
+        let spread = added_ratio(&subject, &reference, &baseline, |m| m.throughput);
+        // 50/100 and 100/50; the third round's reference is below the baseline.
+        assert_eq!((spread.min, spread.max), (0.5, 2.0));
+        assert_eq!(spread.median, 1.25);
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
         let baseline = [run(100.0), run(200.0), run(100.0)];
         let subject = [run(50.0), run(50.0), run(60.0)];
         let spread = ratio(&subject, &baseline, |m| m.throughput);

@@ -253,6 +253,29 @@ impl ScenarioReport {
                 lags.join(", ")
             ));
         }
+        let overloaded: Vec<String> = self
+            .results
+            .runs
+            .iter()
+            .filter_map(|runs| {
+                let short = runs
+                    .latency
+                    .iter()
+                    .filter(|m| m.is_failing() || m.throughput < m.rate.unwrap_or(0.0) * 0.99)
+                    .count();
+                (short > 0)
+                    .then(|| format!("{} ({short} of {} runs)", runs.name, runs.latency.len()))
+            })
+            .collect();
+        if !overloaded.is_empty() {
+            notes.push(format!(
+                "Past capacity at the open-loop rate: {} completed fewer than 99% of the \
+                 calls due (or failed more than 1%). Their open-loop latencies are those of \
+                 a queue that grows for the whole run (calls time out after 5 s), not of a \
+                 target keeping up, and latency ratios involving them compare overloads.",
+                overloaded.join(", ")
+            ));
+        }
         let unsaturated: Vec<&str> = self
             .results
             .runs
