@@ -432,10 +432,7 @@ pub async fn post(connection: &mut PgConnection, movement: &Movement) -> Result<
         }
     }
     // Wakes balance streams on every replica once this commits.
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(&mut *connection)
-        .await?;
+    crate::notify::queue(connection, CHANNEL, "").await?;
     Ok(Posted {
         movement_id,
         created_at,

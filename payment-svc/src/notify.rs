@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 
 use crate::ledger;
@@ -118,4 +118,25 @@ async fn connect(listener_pool: &PgPool) -> Option<PgListener> {
             None
         }
     }
+}
+
+/// Queues a notification on `channel`, sent when the caller's transaction commits.
+///
+/// PostgreSQL serializes the commits of notifying transactions on one global lock taken
+/// at COMMIT, so under the service's short `lock_timeout` a busy moment would fail the
+/// commit itself ("canceling statement due to lock timeout") after all its work was done.
+/// That lock is only ever held for the length of another commit: the rest of this
+/// transaction waits for locks without `lock_timeout` (`statement_timeout` still bounds
+/// every statement, COMMIT included), so callers notify last.
+pub async fn queue(
+    connection: &mut PgConnection,
+    channel: &str,
+    payload: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('lock_timeout', '0', true), pg_notify($1, $2)")
+        .bind(channel)
+        .bind(payload)
+        .execute(connection)
+        .await?;
+    Ok(())
 }

@@ -97,6 +97,8 @@ pub struct SpawnedService {
     addr: SocketAddr,
     stdout: Lines,
     stderr: Lines,
+    /// The tasks reading its stdout and stderr, done at end of file.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl SpawnedService {
@@ -146,9 +148,10 @@ impl SpawnedService {
         let stdout = Lines::default();
         let stderr = Lines::default();
         let (addr_tx, mut addr_rx) = watch::channel(None::<SocketAddr>);
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
             let lines = stdout.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(out).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     if let Some(addr) = serving_address(&line) {
@@ -156,16 +159,16 @@ impl SpawnedService {
                     }
                     lines.push(line);
                 }
-            });
+            }));
         }
         if let Some(err) = child.stderr.take() {
             let lines = stderr.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(err).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.push(line);
                 }
-            });
+            }));
         }
         let addr = tokio::time::timeout(LIVENESS, async {
             loop {
@@ -186,6 +189,7 @@ impl SpawnedService {
                 addr,
                 stdout,
                 stderr,
+                readers,
             }),
             Err(err) => {
                 let _ = child.start_kill();
@@ -226,12 +230,18 @@ impl SpawnedService {
         self.signal(Signal::SIGCONT)
     }
 
-    /// Waits (at most `bound`) for the process to exit.
+    /// Waits (at most `bound`) for the process to exit, then reads its output to the end,
+    /// so its last log lines are there.
     pub async fn wait(&mut self, bound: Duration) -> anyhow::Result<ExitStatus> {
-        tokio::time::timeout(bound, self.child.wait())
+        let status = tokio::time::timeout(bound, self.child.wait())
             .await
             .with_context(|| format!("{} still running after {bound:?}", self.name))?
-            .context("waiting for the process")
+            .context("waiting for the process")?;
+        // A child it left behind may hold the pipes open: bounded, then give up on them.
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(LIVENESS, reader).await;
+        }
+        Ok(status)
     }
 
     /// Its stdout lines (JSON logs).

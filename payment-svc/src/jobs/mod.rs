@@ -181,10 +181,7 @@ pub async fn enqueue(
         .execute(&mut *connection)
         .await?;
     }
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(&mut *connection)
-        .await?;
+    crate::notify::queue(connection, CHANNEL, "").await?;
     Ok(id)
 }
 
@@ -430,10 +427,7 @@ pub async fn retry_dead(connection: &mut PgConnection, id: i64) -> Result<Job, E
     .bind(id)
     .fetch_one(&mut *connection)
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(&mut *connection)
-        .await?;
+    crate::notify::queue(connection, CHANNEL, "").await?;
     job_from_row(&row)
 }
 

@@ -130,11 +130,7 @@ async fn record(
     .bind(refund_id)
     .fetch_one(&mut *connection)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(owner)
-        .execute(&mut *connection)
-        .await?;
+    crate::notify::queue(connection, CHANNEL, &owner).await?;
     Ok(())
 }
 
