@@ -127,6 +127,7 @@ where
         };
         match authenticate(&self.keys, &policy.required_scope, request.headers()) {
             Ok(caller) => {
+                service_kit::telemetry::record_principal(&caller.principal);
                 request.headers_mut().remove(AUTHORIZATION);
                 request.extensions_mut().insert(caller);
                 self.inner.call(request)

@@ -238,7 +238,11 @@ impl Upstream {
                         address: address.clone(),
                         source: *source,
                         endpoint,
-                        breaker: CircuitBreaker::new(self.breaker_config.clone()),
+                        breaker: CircuitBreaker::observed(
+                            self.breaker_config.clone(),
+                            &self.name,
+                            address,
+                        ),
                         in_flight: AtomicUsize::new(0),
                         counters: EndpointCounters::default(),
                     }));

@@ -87,9 +87,10 @@ struct KeyEntry {
     tier: String,
 }
 
-/// The keyed hash keys are stored and looked up by.
+/// The keyed hash keys are stored and looked up by. Holds HMAC's state after the key
+/// (the pepper) was absorbed, so hashing a presented key costs only its own blocks.
 #[derive(Clone)]
-pub struct Pepper(Arc<SecretString>);
+pub struct Pepper(Hmac<Sha256>);
 
 impl std::fmt::Debug for Pepper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,26 +104,31 @@ impl Pepper {
         if secret.expose_secret().len() < MIN_PEPPER_BYTES {
             return Err(KeysError::ShortPepper);
         }
-        Ok(Self(Arc::new(secret)))
+        // HMAC takes keys of any length.
+        Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+            .map(Self)
+            .map_err(|_| KeysError::ShortPepper)
     }
 
     /// HMAC-SHA256(pepper, key), lowercase hex: what the keys file stores.
     pub fn hash(&self, key: &str) -> String {
-        // HMAC takes keys of any length, so this cannot fail.
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(self.0.expose_secret().as_bytes()) else {
-            return String::new();
-        };
-        mac.update(key.as_bytes());
-        hex(&mac.finalize().into_bytes())
+        let hex = self.hash_hex(key);
+        // Hex digits are ASCII.
+        String::from_utf8_lossy(&hex).into_owned()
     }
-}
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut out, byte| {
-        let _ = write!(out, "{byte:02x}");
-        out
-    })
+    /// [`Pepper::hash`] without allocating, for the per-call lookup.
+    fn hash_hex(&self, key: &str) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut mac = self.0.clone();
+        mac.update(key.as_bytes());
+        let mut hex = [0; 64];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(mac.finalize().into_bytes()) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0x0f)];
+        }
+        hex
+    }
 }
 
 /// A new key for `principal` and its line for the keys file.
@@ -297,12 +303,13 @@ impl KeyStore {
         if !key.starts_with(KEY_PREFIX) {
             return None;
         }
-        let hash = self.inner.pepper.hash(key);
+        let hash = self.inner.pepper.hash_hex(key);
+        let hash = std::str::from_utf8(&hash).ok()?;
         let table = match self.inner.table.read() {
             Ok(table) => Arc::clone(&table),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         };
-        table.by_hash.get(&hash).cloned()
+        table.by_hash.get(hash).cloned()
     }
 
     /// How many times a changed file was loaded (for tests and metrics).
@@ -389,6 +396,18 @@ mod tests {
             Ok(pepper) => pepper,
             Err(err) => panic!("{err}"),
         }
+    }
+
+    #[test]
+    fn the_hash_is_hmac_sha256_of_the_key_under_the_pepper_in_lowercase_hex()
+    -> Result<(), KeysError> {
+        // Expected value from Python's hmac module: an implementation independent of ours.
+        let pepper = Pepper::new("p".repeat(40).into())?;
+        assert_eq!(
+            pepper.hash("psk_known"),
+            "e84edc89568d06fe8f18657f09af07f2197b8a9af9ba10a5861ed538a31e888a"
+        );
+        Ok(())
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! - [`retry`]: which calls may be retried, their replayable bodies, the retry budget.
 //! - [`resolve`]: endpoints from static addresses or DNS names re-resolved periodically.
 //! - [`tls`]: the listener's rustls configuration from PEM files.
+//! - `metrics`: rate limit decisions and the breaker state gauge (OpenTelemetry).
 //! - `grpc`: the admin API (`paysuite.gateway.v1`: list upstreams and breakers, force a
 //!   breaker open/closed) — the only module that sees protobuf types.
 //!
@@ -47,6 +48,7 @@ pub mod config;
 pub mod deadline;
 mod grpc;
 pub mod keys;
+mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resolve;
@@ -132,6 +134,8 @@ pub struct Gateway {
     /// Each cluster's configured endpoints, for re-resolution.
     sources: Vec<Vec<Source>>,
     connect: ConnectSettings,
+    /// `paysuite.breaker.state` over the upstreams, for as long as the gateway lives.
+    _breaker_gauge: metrics::BreakerGauge,
 }
 
 impl Gateway {
@@ -239,12 +243,14 @@ impl Gateway {
             ratelimit: ratelimit_stats,
             upstreams,
         };
+        let breaker_gauge = metrics::breaker_gauge(Arc::clone(&stats.upstreams));
         Ok(Self {
             services,
             stats,
             config,
             sources,
             connect,
+            _breaker_gauge: breaker_gauge,
         })
     }
 

@@ -164,6 +164,8 @@ impl Endpoint {
             }
         }
         parts.version = Version::HTTP_2;
+        // The upstream's span continues the gateway's (W3C trace context).
+        service_kit::telemetry::inject(&mut parts.headers);
         if let Some(deadline) = parts.extensions.get::<CallDeadline>().copied() {
             // The budget left now, after everything the gateway did so far.
             match deadline.remaining() {

@@ -319,7 +319,16 @@ impl RateLimiter {
             domain: settings.domain.as_str().into(),
             timeout: settings.timeout,
             failure_mode: settings.failure_mode,
-            breaker: CircuitBreaker::new(settings.breaker.clone()),
+            breaker: CircuitBreaker::observed(
+                settings.breaker.clone(),
+                "ratelimit-svc",
+                &settings
+                    .endpoints
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
             stats,
         }
     }
@@ -337,6 +346,9 @@ impl RateLimiter {
             descriptors: descriptors(caller, group),
             hits_addend: 1,
         };
+        let mut request = tonic::Request::new(request);
+        // ratelimit-svc's span joins the caller's trace.
+        service_kit::telemetry::inject_metadata(&tracing::Span::current(), request.metadata_mut());
         let mut client = self.client.clone();
         let answer = tokio::time::timeout(self.timeout, client.should_rate_limit(request)).await;
         let response = match answer {
@@ -364,10 +376,12 @@ impl RateLimiter {
         match verdict(&response) {
             Verdict::Allowed(quota) => {
                 RateLimitStats::bump(&self.stats.allowed);
+                crate::metrics::ratelimit_decision("ok");
                 Decision::Admit(quota)
             }
             Verdict::Refused(quota) => {
                 RateLimitStats::bump(&self.stats.refused);
+                crate::metrics::ratelimit_decision("over_limit");
                 Decision::Refuse(refusal(&quota, caller, group))
             }
         }
@@ -378,10 +392,12 @@ impl RateLimiter {
         match self.failure_mode {
             FailureMode::Open => {
                 RateLimitStats::bump(&self.stats.fail_open);
+                crate::metrics::ratelimit_decision("fail_open");
                 Decision::Admit(None)
             }
             FailureMode::Closed => {
                 RateLimitStats::bump(&self.stats.fail_closed);
+                crate::metrics::ratelimit_decision("fail_closed");
                 Decision::Refuse(unavailable(retry_after))
             }
         }

@@ -22,6 +22,7 @@
 //! decided here, because it depends on gRPC (trailers-only statuses, the contract's
 //! idempotency levels) rather than on tower's generic retry policy.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -139,32 +140,39 @@ pub(crate) async fn buffer(mut body: tonic::body::Body, limit: usize) -> Buffere
                 Ok(data) => {
                     read.extend_from_slice(&data);
                     if read.len() > limit {
-                        return Buffered::Streamed(tonic::body::Body::new(Prefixed {
-                            prefix: Some(read.freeze()),
-                            rest: body,
-                        }));
+                        return Buffered::Streamed(Prefixed::body(
+                            vec![Frame::data(read.freeze())],
+                            body,
+                        ));
                     }
                 }
                 // Request trailers are not part of gRPC: a body sending them is not
                 // replayed but passed on as it is.
                 Err(frame) => {
-                    return Buffered::Streamed(tonic::body::Body::new(Prefixed {
-                        prefix: Some(read.freeze()),
-                        rest: tonic::body::Body::new(Resent {
-                            frame: Some(frame),
-                            rest: body,
-                        }),
-                    }));
+                    return Buffered::Streamed(Prefixed::body(
+                        vec![Frame::data(read.freeze()), frame],
+                        body,
+                    ));
                 }
             },
         }
     }
 }
 
-/// A body from bytes already read, then the rest.
+/// A body from frames already read, then the rest.
 struct Prefixed {
-    prefix: Option<Bytes>,
+    pending: VecDeque<Frame<Bytes>>,
     rest: tonic::body::Body,
+}
+
+impl Prefixed {
+    fn body(pending: Vec<Frame<Bytes>>, rest: tonic::body::Body) -> tonic::body::Body {
+        let pending = pending
+            .into_iter()
+            .filter(|frame| frame.data_ref().is_none_or(|data| !data.is_empty()))
+            .collect();
+        tonic::body::Body::new(Self { pending, rest })
+    }
 }
 
 impl Body for Prefixed {
@@ -175,51 +183,29 @@ impl Body for Prefixed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if let Some(prefix) = self.prefix.take()
-            && !prefix.is_empty()
-        {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.as_ref().is_none_or(Bytes::is_empty) && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let mut hint = self.rest.size_hint();
-        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        hint.set_lower(hint.lower() + prefix);
-        if let Some(upper) = hint.upper() {
-            hint.set_upper(upper + prefix);
-        }
-        hint
-    }
-}
-
-/// A body from one frame already read, then the rest.
-struct Resent {
-    frame: Option<Frame<Bytes>>,
-    rest: tonic::body::Body,
-}
-
-impl Body for Resent {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        if let Some(frame) = self.frame.take() {
+        if let Some(frame) = self.pending.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.frame.is_none() && self.rest.is_end_stream()
+        self.pending.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        let pending: u64 = self
+            .pending
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|data| data.len() as u64)
+            .sum();
+        hint.set_lower(hint.lower() + pending);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint
     }
 }
 

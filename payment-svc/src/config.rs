@@ -58,7 +58,8 @@ pub const ENV_JOB_CONCURRENCY: &str = "JOB_CONCURRENCY";
 pub const ENV_JOB_LEASE: &str = "JOB_LEASE";
 /// `JOB_POLL_INTERVAL`: the safety-net poll; workers wake on NOTIFY.
 pub const ENV_JOB_POLL_INTERVAL: &str = "JOB_POLL_INTERVAL";
-/// `JOB_MAX_ATTEMPTS`: attempts before a job is dead.
+/// `JOB_MAX_ATTEMPTS`: attempts before a job is dead (one still settling an open acquirer
+/// attempt goes on until it is settled).
 pub const ENV_JOB_MAX_ATTEMPTS: &str = "JOB_MAX_ATTEMPTS";
 /// `JOB_BACKOFF_BASE`: the first retry's backoff (doubled per attempt, ±25 % jitter).
 pub const ENV_JOB_BACKOFF_BASE: &str = "JOB_BACKOFF_BASE";

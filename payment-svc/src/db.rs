@@ -15,6 +15,19 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::config::DatabaseConfig;
 
+/// A span around one transaction or statement group, named by `group`
+/// (`db.operation.name`). SQL text and bound values are never recorded: they hold card
+/// data, keys and tenants' metadata.
+pub fn span(group: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "sql",
+        otel.name = group,
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.operation.name = group,
+    )
+}
+
 /// The migrations compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 

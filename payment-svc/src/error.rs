@@ -40,6 +40,12 @@ pub enum Error {
     /// Every pooled connection is busy.
     #[error("database busy: no connection available")]
     PoolExhausted,
+    /// The connection to PostgreSQL was lost (its backend was terminated, the server
+    /// restarts, the network broke): the database is down for this call, not broken. The
+    /// outcome of a write in flight is unknown to us too; a retry with the same
+    /// idempotency key settles it.
+    #[error("database unavailable: the connection was lost")]
+    DatabaseUnavailable(#[source] sqlx::Error),
     /// The database gave up on a lock, a statement or a transaction that a retry may get
     /// through (lock or statement timeout, serialization failure, deadlock).
     #[error("database busy: {message}")]
@@ -72,6 +78,16 @@ impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
         match err {
             sqlx::Error::PoolTimedOut => Self::PoolExhausted,
+            sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+                Self::DatabaseUnavailable(err)
+            }
+            sqlx::Error::Database(ref db)
+                if db
+                    .code()
+                    .is_some_and(|code| pg_code::is_connection_lost(&code)) =>
+            {
+                Self::DatabaseUnavailable(err)
+            }
             sqlx::Error::Database(db)
                 if db
                     .code()
@@ -130,6 +146,10 @@ impl From<Error> for Status {
             Error::Unavailable(_) | Error::PoolExhausted | Error::Contention { .. } => {
                 Status::unavailable(err.to_string())
             }
+            Error::DatabaseUnavailable(ref cause) => {
+                tracing::warn!(error = %cause, "database connection lost");
+                Status::unavailable(err.to_string())
+            }
             Error::StaleJob(_) => Status::aborted(err.to_string()),
             Error::Database(_) | Error::Internal(_) => {
                 let request_id = uuid::Uuid::new_v4();
@@ -179,6 +199,12 @@ pub mod pg_code {
     pub const LOCK_NOT_AVAILABLE: &str = "55P03";
     /// `statement_timeout` passed (or the statement was cancelled).
     pub const QUERY_CANCELED: &str = "57014";
+    /// The server ends the session: `pg_terminate_backend` (57P01), a crash restart
+    /// (57P02), a server still starting (57P03), or any connection exception (class 08).
+    pub fn is_connection_lost(sqlstate: &str) -> bool {
+        sqlstate.starts_with("08") || matches!(sqlstate, "57P01" | "57P02" | "57P03")
+    }
+
     /// Failures a later attempt may get through: answered UNAVAILABLE.
     pub const TRANSIENT: [&str; 4] = [
         SERIALIZATION_FAILURE,
@@ -193,4 +219,39 @@ pub mod pg_code {
 pub fn is_retryable_conflict(err: &Error) -> bool {
     matches!(err, Error::Contention { sqlstate, .. }
         if sqlstate == pg_code::SERIALIZATION_FAILURE || sqlstate == pg_code::DEADLOCK_DETECTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_database_connection_is_unavailable_not_internal() {
+        let lost = [
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+        ];
+        for err in lost {
+            let status = Status::from(Error::from(err));
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert_eq!(
+                status.message(),
+                "database unavailable: the connection was lost"
+            );
+        }
+        let status = Status::from(Error::from(sqlx::Error::RowNotFound));
+        assert_eq!(status.code(), Code::Internal);
+    }
+
+    #[test]
+    fn sessions_ended_by_the_server_are_connection_losses() {
+        for sqlstate in ["57P01", "57P02", "57P03", "08000", "08006", "08003"] {
+            assert!(pg_code::is_connection_lost(sqlstate), "{sqlstate}");
+        }
+        for sqlstate in ["57014", "40001", "23514", "55P03"] {
+            assert!(!pg_code::is_connection_lost(sqlstate), "{sqlstate}");
+        }
+    }
 }

@@ -20,6 +20,7 @@ use std::pin::Pin;
 use sha2::{Digest, Sha256};
 use sqlx::{Acquire as _, PgConnection, PgPool, Row};
 use tonic::Code;
+use tracing::Instrument as _;
 
 use crate::domain::IdempotencyKey;
 use crate::error::{Error, is_retryable_conflict};
@@ -85,12 +86,34 @@ where
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match try_atomic(pool, claim, &mut work).await {
+        // Metrics of an attempt count only once its transaction commits.
+        match crate::metrics::deferred(try_atomic(pool, claim, &mut work))
+            .instrument(crate::db::span("idempotency.atomic"))
+            .await
+        {
             Err(err) if attempt < MAX_ATTEMPTS && is_retryable_conflict(&err) => {
                 tracing::debug!(attempt, error = %err, "retrying transaction");
             }
-            result => return result,
+            result => {
+                match &result {
+                    Ok(outcome) if outcome.replayed => {
+                        crate::metrics::idempotent_replay(claim.method)
+                    }
+                    Err(err) => count_conflict(claim, err),
+                    Ok(_) => {}
+                }
+                return result;
+            }
         }
+    }
+}
+
+/// Counts a refusal over the idempotency key itself.
+fn count_conflict(claim: &Claim<'_>, err: &Error) {
+    match err {
+        Error::IdempotencyKeyReused => crate::metrics::idempotency_conflict(claim.method, "reused"),
+        Error::IdempotencyKeyInUse => crate::metrics::idempotency_conflict(claim.method, "in_use"),
+        _ => {}
     }
 }
 
@@ -128,6 +151,7 @@ where
         }
         Err(err) if err.is_business_outcome() => {
             savepoint.rollback().await?;
+            crate::metrics::discard();
             refusal(err)
         }
         Err(err) => {
@@ -137,6 +161,7 @@ where
     };
     finish(&mut transaction, claim, &stored).await?;
     transaction.commit().await?;
+    crate::metrics::commit();
     Ok(Outcome {
         stored,
         replayed: false,
@@ -213,6 +238,22 @@ pub async fn claim_leased(
     claim: &Claim<'_>,
     lease: std::time::Duration,
 ) -> Result<Claimed, Error> {
+    let claimed = claim_leased_in_transaction(pool, claim, lease)
+        .instrument(crate::db::span("idempotency.claim"))
+        .await;
+    match &claimed {
+        Ok(Claimed::Done(_)) => crate::metrics::idempotent_replay(claim.method),
+        Err(err) => count_conflict(claim, err),
+        Ok(_) => {}
+    }
+    claimed
+}
+
+async fn claim_leased_in_transaction(
+    pool: &PgPool,
+    claim: &Claim<'_>,
+    lease: std::time::Duration,
+) -> Result<Claimed, Error> {
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let mut transaction = pool.begin().await?;
     let claimed = sqlx::query(
@@ -239,8 +280,14 @@ pub async fn claim_leased(
     .bind(claim.owner_id)
     .bind(claim.method)
     .bind(claim.key.as_str())
-    .fetch_one(&mut *transaction)
+    .fetch_optional(&mut *transaction)
     .await?;
+    let Some(row) = row else {
+        // Released between our insert and this read (the request holding it failed before
+        // it changed anything, while we waited for its row lock): IN_USE, which the
+        // caller retries and then claims afresh — never INTERNAL.
+        return Err(Error::IdempotencyKeyInUse);
+    };
     let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
     if fingerprint != claim.fingerprint {
         return Err(Error::IdempotencyKeyReused);

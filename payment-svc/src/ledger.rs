@@ -433,6 +433,7 @@ pub async fn post(connection: &mut PgConnection, movement: &Movement) -> Result<
     }
     // Wakes balance streams on every replica once this commits.
     crate::notify::queue(connection, CHANNEL, "").await?;
+    crate::metrics::ledger_posted(movement.kind, currency.code(), amount);
     Ok(Posted {
         movement_id,
         created_at,

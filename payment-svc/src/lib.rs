@@ -9,6 +9,7 @@
 //! - [`idempotency`]: idempotency keys — claim, fingerprint, stored answers, replay.
 //! - [`audit`]: the append-only audit trail.
 //! - [`jobs`]: the durable job queue and its workers.
+//! - [`metrics`]: the domain metrics (payments, ledger, idempotency, jobs).
 //! - [`reconcile`]: `reconcile`, the acquirer's operations against attempts, payments and the ledger.
 //! - [`rotation`]: `rotate-card-keys`, re-encryption of the card vault under the active key.
 //! - [`error`]: the one error type and its one mapping to gRPC statuses.
@@ -28,6 +29,7 @@ mod grpc;
 pub mod idempotency;
 pub mod jobs;
 pub mod ledger;
+pub mod metrics;
 pub mod notify;
 pub mod payments;
 pub mod reconcile;
@@ -41,6 +43,7 @@ use service_kit::serve;
 use tokio::net::TcpListener;
 
 pub use config::Config;
+pub use grpc::START_CURSOR_HEADER;
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +148,12 @@ where
     } else {
         None
     };
+    // Kept for as long as the service runs; its refresh task ends with the stop signal.
+    let _queue_gauges = metrics::start_queue_gauges(
+        pool.clone(),
+        service_kit::telemetry::metric_export_interval(),
+        stop_rx.clone(),
+    );
     let mut server_stop = stop_rx;
     let stopped = async move {
         while !*server_stop.borrow_and_update() {

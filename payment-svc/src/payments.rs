@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire as _, PgConnection, PgPool, Row};
+use tracing::Instrument as _;
 
 pub mod events;
 mod followup;
@@ -35,6 +36,7 @@ use crate::acquirer::{
 };
 use crate::audit::{self, AuditEvent};
 use crate::config::JobsConfig;
+use crate::db;
 use crate::domain::Money;
 use crate::domain::card::CardDetails;
 use crate::error::{Error, stored_names};
@@ -403,7 +405,11 @@ impl Payments {
     ) -> Result<Outcome, Error> {
         loop {
             let next = match (recovery_point.as_str(), payment_id.as_deref()) {
-                ("started", _) => match self.phase_create(claim, new, encode).await? {
+                ("started", _) => match self
+                    .phase_create(claim, new, encode)
+                    .instrument(db::span("payment.create"))
+                    .await?
+                {
                     PhaseResult::Next(id) => {
                         *payment_id = Some(id);
                         "payment_created"
@@ -604,6 +610,7 @@ impl Payments {
         )
         .await?;
         events::payment_changed(connection, &payment_id, events::EventType::PaymentCreated).await?;
+        crate::metrics::payment_transition(initial_status(new.mode), new.amount.currency().code());
         audit::record(
             connection,
             AuditEvent {
@@ -636,14 +643,16 @@ impl Payments {
         new: &NewPayment,
         encode: &Encode,
     ) -> Result<PhaseResult, Error> {
-        let (attempt_id, amount, card) = {
+        let (attempt_id, amount, card) = async {
             let mut connection = self.pool.acquire().await?;
             let attempt = pending_attempt(&mut connection, payment_id, "authorize").await?;
             let card = self
                 .stored_card(&mut connection, payment_id, Some(new))
                 .await?;
-            (attempt.0, attempt.1, card)
-        };
+            Ok::<_, Error>((attempt.0, attempt.1, card))
+        }
+        .instrument(db::span("attempt.load"))
+        .await?;
         let result = tokio::time::timeout(
             self.acquirer_timeout,
             self.acquirer.authorize(AuthorizeRequest {
@@ -658,11 +667,26 @@ impl Payments {
         if matches!(&result, Ok(op) if op.status == OperationStatus::Approved) {
             crate::failpoint::hit("after_acquirer_approve");
         }
+        self.record_authorization(claim, payment_id, &attempt_id, &result, encode)
+            .instrument(db::span("attempt.record"))
+            .await
+    }
 
+    /// Stores what the acquirer answered to the authorization `attempt_id` and moves the
+    /// payment on.
+    async fn record_authorization(
+        &self,
+        claim: &Claim<'_>,
+        payment_id: &str,
+        attempt_id: &str,
+        result: &Result<Operation, AcquirerError>,
+        encode: &Encode,
+    ) -> Result<PhaseResult, Error> {
+        let attempt_id = attempt_id.to_owned();
         let mut transaction = self.pool.begin().await?;
-        record_attempt(&mut transaction, &attempt_id, &result).await?;
+        record_attempt(&mut transaction, &attempt_id, result).await?;
         let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
-        match &result {
+        match result {
             Ok(op) if op.status == OperationStatus::Approved => {
                 sqlx::query(
                     "UPDATE payments SET authorization_id = $2, updated_at = now() WHERE id = $1",
@@ -731,7 +755,7 @@ impl Payments {
                     &mut transaction,
                     &payment.owner_id,
                     payment_id,
-                    settling_job(&result),
+                    settling_job(result),
                     self.jobs.backoff_base,
                 )
                 .await?;
@@ -748,13 +772,15 @@ impl Payments {
         _new: &NewPayment,
         encode: &Encode,
     ) -> Result<PhaseResult, Error> {
-        let (attempt_id, amount, authorization_id) = {
+        let (attempt_id, amount, authorization_id) = async {
             let mut connection = self.pool.acquire().await?;
             let (attempt_id, amount) =
                 pending_attempt(&mut connection, payment_id, "capture").await?;
             let authorization_id = followup::authorization_id(&mut connection, payment_id).await?;
-            (attempt_id, amount, authorization_id)
-        };
+            Ok::<_, Error>((attempt_id, amount, authorization_id))
+        }
+        .instrument(db::span("attempt.load"))
+        .await?;
         let result = tokio::time::timeout(
             self.acquirer_timeout,
             self.acquirer
@@ -764,23 +790,27 @@ impl Payments {
         .unwrap_or(Err(AcquirerError::Timeout));
         crate::failpoint::hit("before_finalize");
 
-        let mut transaction = self.pool.begin().await?;
-        record_attempt(&mut transaction, &attempt_id, &result).await?;
-        let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
-        if matches!(&result, Ok(op) if op.status == OperationStatus::Approved) {
-            followup::capture_settled(&mut transaction, &payment, amount, "").await?;
-        } else {
-            // Not captured yet (or not known to be): a job settles it.
-            self.enqueue(
-                &mut transaction,
-                &payment.owner_id,
-                payment_id,
-                settling_job(&result),
-                self.jobs.backoff_base,
-            )
-            .await?;
+        async {
+            let mut transaction = self.pool.begin().await?;
+            record_attempt(&mut transaction, &attempt_id, &result).await?;
+            let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
+            if matches!(&result, Ok(op) if op.status == OperationStatus::Approved) {
+                followup::capture_settled(&mut transaction, &payment, amount, "").await?;
+            } else {
+                // Not captured yet (or not known to be): a job settles it.
+                self.enqueue(
+                    &mut transaction,
+                    &payment.owner_id,
+                    payment_id,
+                    settling_job(&result),
+                    self.jobs.backoff_base,
+                )
+                .await?;
+            }
+            self.finish(transaction, claim, payment_id, encode).await
         }
-        self.finish(transaction, claim, payment_id, encode).await
+        .instrument(db::span("attempt.record"))
+        .await
     }
 
     /// Stores the payment as it now stands as the key's answer, and commits.
@@ -944,6 +974,7 @@ async fn set_status(
     .await?
     .rows_affected();
     if moved == 1 {
+        crate::metrics::payment_transition(status, payment.amount.currency().code());
         if let Some(event_type) = events::EventType::of_status(status) {
             events::payment_changed(connection, &payment.id, event_type).await?;
         }

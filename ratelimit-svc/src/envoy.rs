@@ -363,6 +363,13 @@ impl RateLimitService for EnvoyRateLimit {
         } else {
             Code::Ok
         };
+        // Only configured domains become labels.
+        let domain = if self.rules.domain(&request.domain).is_some() {
+            request.domain.as_str()
+        } else {
+            crate::metrics::UNKNOWN_DOMAIN
+        };
+        crate::metrics::decision(domain, overall == Code::OverLimit);
         Ok(Response::new(RateLimitResponse {
             overall_code: overall as i32,
             statuses,

@@ -140,6 +140,7 @@ impl RateLimitService for RateLimitApi {
             .limiter
             .decide(&request.key, &limit, cost, self.failure_mode)
             .await;
+        crate::metrics::decision(crate::metrics::API_DOMAIN, !decided.decision.allowed);
         Ok(Response::new(pb::CheckResponse {
             decision: Some(decision(&decided)),
         }))

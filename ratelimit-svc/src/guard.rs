@@ -177,7 +177,7 @@ impl Limiter {
     pub fn new(store: Store, breaker: BreakerConfig, counters: Arc<Counters>) -> Self {
         Self {
             store,
-            breaker: CircuitBreaker::new(breaker),
+            breaker: CircuitBreaker::observed(breaker, "ratelimit-store", "store"),
             refusals: Arc::default(),
             counters,
             clock: Arc::new(SystemClock),
@@ -223,6 +223,7 @@ impl Limiter {
             Err(err) => {
                 permit.failure();
                 Counters::bump(&self.counters.store_errors);
+                crate::metrics::store_error();
                 self.failure_log.record(&err, mode);
                 self.fallback(limit, cost, mode, Duration::ZERO)
             }
@@ -235,6 +236,7 @@ impl Limiter {
         match mode {
             FailureMode::Open => {
                 Counters::bump(&self.counters.fail_open);
+                crate::metrics::failure_mode_decision(true);
                 Outcome {
                     decision: Decision {
                         allowed: true,
@@ -249,6 +251,7 @@ impl Limiter {
             }
             FailureMode::Closed => {
                 Counters::bump(&self.counters.fail_closed);
+                crate::metrics::failure_mode_decision(false);
                 let retry_after = wait.max(FAIL_CLOSED_RETRY_AFTER);
                 Outcome {
                     decision: Decision {

@@ -8,6 +8,7 @@
 //! - [`rules`]: envoyproxy/ratelimit's YAML configuration, parsed into rule trees.
 //! - [`limiter`]: the three algorithms as pure decisions.
 //! - [`store`]: where state lives — memory (one replica) or Redis (shared).
+//! - `metrics`: decisions by domain and result, store errors, failure-mode decisions.
 //! - [`guard`]: the store behind the over-limit cache, a circuit breaker and the failure
 //!   modes, so every request is answered in bounded time.
 //!
@@ -19,6 +20,7 @@ mod envoy;
 mod grpc;
 pub mod guard;
 pub mod limiter;
+mod metrics;
 pub mod rules;
 pub mod store;
 

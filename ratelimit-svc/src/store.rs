@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tracing::Instrument as _;
+
 use crate::limiter::{self, Decision, KeyState, Limit};
 
 /// The store's clock, in microseconds since the Unix epoch.
@@ -266,9 +268,26 @@ impl RedisStore {
                 other => other,
             }
         };
-        let reply: (i64, i64, i64, i64, i64) = tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))??;
+        // The key is not recorded: it is built from the caller's descriptor values.
+        let span = tracing::info_span!(
+            "redis",
+            otel.name = "redis.evalsha",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            db.system.name = "redis",
+            db.operation.name = "EVALSHA",
+            ratelimit.algorithm = limit.algorithm.as_str(),
+        );
+        let reply: Result<(i64, i64, i64, i64, i64), StoreError> =
+            tokio::time::timeout(self.timeout, call)
+                .instrument(span.clone())
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))
+                .and_then(|reply| reply.map_err(StoreError::from));
+        if reply.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        let reply = reply?;
         let (allowed, remaining, reset_after, retry_after, now) = reply;
         let micros =
             |us: i64| std::time::Duration::from_micros(u64::try_from(us.max(0)).unwrap_or(0));

@@ -11,6 +11,10 @@
 //!   reopens it with a longer backoff. A probe dropped without an outcome (the caller
 //!   cancelled) frees the slot for the next caller without judging the dependency.
 //!
+//! A breaker built with [`CircuitBreaker::observed`] counts its state changes in
+//! `paysuite.breaker.transitions` (`upstream`, `endpoint`, `from`, `to`; nothing is
+//! recorded while export is off).
+//!
 //! Operators can force a breaker open or closed. Time comes from `tokio::time::Instant`,
 //! so tests drive it with a paused clock. Written here because the breaker is core to the
 //! product's behaviour under faults and the crates on offer do not combine a
@@ -19,6 +23,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
 use tokio::time::Instant;
 
 /// How a breaker trips and recovers.
@@ -118,6 +124,47 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+impl BreakerState {
+    /// Every state, in the order of [`BreakerState::as_str`]'s names.
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
+
+    /// The state's name in metrics: `closed`, `open`, `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Where an observed breaker records its state changes.
+#[derive(Debug)]
+struct Observer {
+    transitions: Counter<u64>,
+    /// `upstream` and `endpoint`.
+    labels: [KeyValue; 2],
+}
+
+impl Observer {
+    fn transition(&self, from: BreakerState, to: BreakerState) {
+        let [upstream, endpoint] = self.labels.clone();
+        self.transitions.add(
+            1,
+            &[
+                upstream,
+                endpoint,
+                KeyValue::new("from", from.as_str()),
+                KeyValue::new("to", to.as_str()),
+            ],
+        );
+    }
+}
+
 /// An operator's override.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Override {
@@ -202,6 +249,7 @@ pub struct BreakerSnapshot {
 pub struct CircuitBreaker {
     config: Arc<BreakerConfig>,
     inner: Arc<Mutex<Inner>>,
+    observer: Option<Arc<Observer>>,
 }
 
 /// Permission to make one call. Report its outcome with [`Permit::success`] or
@@ -263,6 +311,35 @@ impl CircuitBreaker {
                 transitions: 0,
                 counts: TransitionCounts::default(),
             })),
+            observer: None,
+        }
+    }
+
+    /// A closed breaker whose state changes are counted under `upstream` and `endpoint`
+    /// (both from configuration: their number is bounded). Build it after telemetry is
+    /// set up; with export off it records nothing.
+    pub fn observed(config: BreakerConfig, upstream: &str, endpoint: &str) -> Self {
+        let mut breaker = Self::new(config);
+        if crate::telemetry::exporting() {
+            let transitions = opentelemetry::global::meter("paysuite.breaker")
+                .u64_counter("paysuite.breaker.transitions")
+                .with_unit("{transition}")
+                .with_description("Circuit breaker state changes, by upstream, endpoint, and the states left and entered")
+                .build();
+            breaker.observer = Some(Arc::new(Observer {
+                transitions,
+                labels: [
+                    KeyValue::new("upstream", upstream.to_owned()),
+                    KeyValue::new("endpoint", endpoint.to_owned()),
+                ],
+            }));
+        }
+        breaker
+    }
+
+    fn transition(&self, from: BreakerState, to: BreakerState) {
+        if let Some(observer) = &self.observer {
+            observer.transition(from, to);
         }
     }
 
@@ -295,6 +372,7 @@ impl CircuitBreaker {
                 };
                 inner.transitions += 1;
                 inner.counts.half_opened += 1;
+                self.transition(BreakerState::Open, BreakerState::HalfOpen);
                 Ok(self.permit(true))
             }
             Phase::Open { until } => Err(Rejected {
@@ -443,6 +521,7 @@ impl CircuitBreaker {
                     inner.buckets = [None; BUCKETS];
                     inner.transitions += 1;
                     inner.counts.closed += 1;
+                    self.transition(BreakerState::HalfOpen, BreakerState::Closed);
                 }
             }
             Phase::Closed {
@@ -498,6 +577,11 @@ impl CircuitBreaker {
     }
 
     fn open(&self, inner: &mut Inner, now: Instant) {
+        let from = match inner.phase {
+            Phase::Closed { .. } => BreakerState::Closed,
+            Phase::Open { .. } => BreakerState::Open,
+            Phase::HalfOpen { .. } => BreakerState::HalfOpen,
+        };
         let exponent = inner.trips.min(20);
         let backoff = self
             .config
@@ -515,6 +599,7 @@ impl CircuitBreaker {
         inner.trips = inner.trips.saturating_add(1);
         inner.transitions += 1;
         inner.counts.opened += 1;
+        self.transition(from, BreakerState::Open);
     }
 }
 

@@ -213,6 +213,24 @@ struct MintedFor {
     audience: String,
 }
 
+/// [`MintedFor`] borrowed, to look a token up without allocating on every call. Its
+/// fields hash as the owned ones do (`str` as `String`, a slice as a `Vec`), in the same
+/// order.
+#[derive(Hash)]
+struct MintedForRef<'a> {
+    principal: &'a str,
+    scopes: &'a [String],
+    audience: &'a str,
+}
+
+impl quick_cache::Equivalent<MintedFor> for MintedForRef<'_> {
+    fn equivalent(&self, key: &MintedFor) -> bool {
+        self.principal == key.principal
+            && self.scopes == key.scopes.as_slice()
+            && self.audience == key.audience
+    }
+}
+
 #[derive(Debug)]
 struct Minted {
     token: http::HeaderValue,
@@ -255,16 +273,21 @@ impl Minter {
         audience: &str,
         now: i64,
     ) -> http::HeaderValue {
+        let borrowed = MintedForRef {
+            principal,
+            scopes,
+            audience,
+        };
+        if let Some(minted) = self.minted.get(&borrowed)
+            && now < minted.refresh_at
+        {
+            return minted.token.clone();
+        }
         let key = MintedFor {
             principal: principal.to_owned(),
             scopes: scopes.to_vec(),
             audience: audience.to_owned(),
         };
-        if let Some(minted) = self.minted.get(&key)
-            && now < minted.refresh_at
-        {
-            return minted.token.clone();
-        }
         let token = self.key.mint_at(principal, scopes, audience, now, self.ttl);
         // A compact JWS is base64url and dots: always a valid header value.
         let token = http::HeaderValue::try_from(token)

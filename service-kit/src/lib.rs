@@ -4,11 +4,14 @@
 //!   served under [`ServerLimits`], with graceful shutdown.
 //! - [`limits`]: [`ServerLimits`], every resource bound a server enforces.
 //! - [`message_size`]: oversize request messages → RESOURCE_EXHAUSTED from the length prefix.
+//! - [`malformed`]: undecodable requests → INVALID_ARGUMENT instead of tonic's INTERNAL.
 //! - [`deadline`]: the caller's `grpc-timeout`.
 //! - [`health`]: the health statuses, including `readiness`.
 //! - [`identity`]: Ed25519 identity tokens between the gateway and the services.
 //! - [`shutdown`]: the SIGTERM / Ctrl-C signal.
-//! - [`telemetry`]: JSON logs, OTLP traces and metrics when configured.
+//! - [`telemetry`]: JSON logs, OTLP traces and metrics when configured, W3C trace
+//!   context in and out.
+//! - [`rpc_telemetry`]: the span and RED metrics of every call a server answers.
 //! - [`breaker`]: the circuit breaker (Closed, Open, HalfOpen).
 //! - [`config`]: typed settings from environment variables.
 //! - [`validation`]: INVALID_ARGUMENT with one field violation per bad field.
@@ -19,7 +22,9 @@ pub mod deadline;
 pub mod health;
 pub mod identity;
 pub mod limits;
+pub mod malformed;
 pub mod message_size;
+pub mod rpc_telemetry;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -39,6 +39,9 @@ pub const ENV_MAX_UNARY_PER_CONNECTION: &str = "GRPC_MAX_UNARY_PER_CONNECTION";
 /// `SHUTDOWN_DRAIN_TIMEOUT`: on SIGTERM, how long calls in flight get to finish.
 pub const ENV_DRAIN_TIMEOUT: &str = "SHUTDOWN_DRAIN_TIMEOUT";
 
+/// tonic's default `max_decoding_message_size`, which generated servers apply on their own.
+pub const TONIC_MAX_DECODING_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// The bounds a gRPC server enforces. No field is optional: every limit is finite.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerLimits {
@@ -78,7 +81,7 @@ pub struct ServerLimits {
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: TONIC_MAX_DECODING_MESSAGE_BYTES,
             max_concurrent_streams: 256,
             max_header_list_bytes: 16 * 1024,
             max_local_error_resets: 256,
@@ -163,6 +166,16 @@ impl ServerLimits {
                 return Err(ConfigError::new(name, "must be greater than zero"));
             }
         }
+        // tonic decodes at most its own 4 MiB per message whatever we allow, and answers
+        // OUT_OF_RANGE beyond it: a larger setting would be a limit silently not applied.
+        if self.max_message_bytes > TONIC_MAX_DECODING_MESSAGE_BYTES {
+            return Err(ConfigError::new(
+                ENV_MAX_MESSAGE_BYTES,
+                format!(
+                    "must be at most {TONIC_MAX_DECODING_MESSAGE_BYTES} (tonic's decoding limit)"
+                ),
+            ));
+        }
         for (name, value) in durations {
             if value.is_zero() {
                 return Err(ConfigError::new(name, "must be greater than zero"));
@@ -234,6 +247,9 @@ mod tests {
             limits.map(|l| l.drain_timeout),
             Some(Duration::from_millis(500))
         );
+
+        let over_tonic = Env::from_pairs([(ENV_MAX_MESSAGE_BYTES, "4194305")]);
+        assert!(ServerLimits::from_env(&over_tonic).is_err());
 
         let zero = Env::from_pairs([(ENV_MAX_CONNECTIONS, "0")]);
         let err = ServerLimits::from_env(&zero).err().map(|e| e.to_string());

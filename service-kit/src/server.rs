@@ -8,6 +8,9 @@
 //! leaves long-lived streams alone.
 //!
 //! Per connection, a request passes through, top-down:
+//! 0. telemetry — the call's server span (continuing the caller's trace) and its RED
+//!    metrics, around everything below so refusals are seen too
+//!    ([`crate::rpc_telemetry`]);
 //! 1. in-flight tracking — the idle timeout only counts time with no call in flight;
 //! 2. identity (when required) — a paysuite RPC needs a valid token holding its
 //!    `required_scope`; health and reflection never do;
@@ -15,8 +18,9 @@
 //!    UNAVAILABLE at once (clients retry elsewhere) instead of queueing; streams are exempt;
 //! 4. the caller's `grpc-timeout` — the handler is abandoned when the deadline passes;
 //! 5. the message size limit — oversize messages are refused from their length prefix;
-//! 6. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED), or
-//!    the set's fallback for every service not served here (the gateway's proxy).
+//! 6. tonic's routes (the services, health, reflection; unknown paths → UNIMPLEMENTED;
+//!    undecodable requests → INVALID_ARGUMENT, see [`crate::malformed`]), or the set's
+//!    fallback for every service not served here (the gateway's proxy).
 //!
 //! With [`ServiceSet::tls`] each connection first completes a TLS handshake (ALPN `h2`)
 //! within the handshake timeout; the limits then apply to the decrypted stream.
@@ -47,12 +51,14 @@ use tonic::Status;
 use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 use tower::util::BoxCloneSyncService;
+use tower_layer::Layer as _;
 use tower_service::Service;
 
 use crate::health::Health;
 use crate::identity::Verifier;
 use crate::limits::ServerLimits;
 use crate::message_size::MessageSizeLimit;
+use crate::rpc_telemetry::RpcTelemetryLayer;
 
 /// Bytes of the HTTP/2 client connection preface; a connection that has not sent them
 /// within the handshake timeout is dropped.
@@ -418,6 +424,7 @@ struct ConnectionConfig {
     max_connection_age: Duration,
     max_connection_age_grace: Duration,
     max_unary_per_connection: usize,
+    telemetry: RpcTelemetryLayer,
     stats: Arc<ServerStats>,
     verifier: Option<Arc<Verifier>>,
     fallback: Option<Fallback>,
@@ -452,6 +459,7 @@ impl ConnectionConfig {
             max_connection_age: limits.max_connection_age,
             max_connection_age_grace: limits.max_connection_age_grace,
             max_unary_per_connection: limits.max_unary_per_connection,
+            telemetry: RpcTelemetryLayer::new(),
             stats,
             verifier,
             fallback: None,
@@ -497,6 +505,7 @@ impl ConnectionConfig {
             inner: stream,
             state: Arc::clone(&state),
         });
+        let service = self.telemetry.layer(service);
         let connection = self
             .http2
             .serve_connection(io, TowerToHyperService::new(service));
@@ -700,6 +709,7 @@ impl Service<Request<Incoming>> for ConnectionService {
         ) {
             match crate::identity::authorize(verifier, &policy.required_scope, request.headers()) {
                 Ok(identity) => {
+                    crate::telemetry::record_principal(&identity.principal);
                     request.extensions_mut().insert(identity);
                 }
                 Err(status) => {
@@ -741,10 +751,14 @@ impl Service<Request<Incoming>> for ConnectionService {
             .map(|fallback| fallback.service.clone());
         let stats = Arc::clone(&self.stats);
         Box::pin(async move {
+            // Our own routes' undecodable-request refusals become INVALID_ARGUMENT
+            // (`malformed`); the fallback's (proxied) answers pass untouched.
             let call: Pin<Box<dyn Future<Output = Result<GrpcResponse, Infallible>> + Send>> =
                 match fallback {
                     Some(mut fallback) => fallback.call(request),
-                    None => Box::pin(routes.call(request)),
+                    None => Box::pin(async move {
+                        routes.call(request).await.map(crate::malformed::clarify)
+                    }),
                 };
             let response =
                 match deadline {

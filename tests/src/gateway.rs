@@ -68,6 +68,17 @@ pub struct KeysFile {
 }
 
 impl KeysFile {
+    /// A keys file at `path` with no keys yet, for gateway-svc processes to read.
+    pub fn create(path: &Path) -> anyhow::Result<Self> {
+        let keys = Self {
+            path: path.to_owned(),
+            pepper: pepper()?,
+            lines: Arc::default(),
+        };
+        keys.edit(|_| {})?;
+        Ok(keys)
+    }
+
     /// Generates a key for `principal` with `scopes` and `tier`, adds its line to the file
     /// and returns the key.
     pub fn add(&self, principal: &str, scopes: &[&str], tier: &str) -> anyhow::Result<String> {
@@ -111,13 +122,12 @@ fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API key pepper of test gateways, in-process and spawned.
+pub const TEST_PEPPER: &str = "test pepper: long enough to key an HMAC-SHA256";
+
 /// A pepper for test gateways.
 fn pepper() -> anyhow::Result<Pepper> {
-    Ok(Pepper::new(
-        "test pepper: long enough to key an HMAC-SHA256"
-            .to_owned()
-            .into(),
-    )?)
+    Ok(Pepper::new(TEST_PEPPER.to_owned().into())?)
 }
 
 /// The harness's identity key, which every test upstream trusts.
@@ -320,10 +330,7 @@ pub fn spawned_env(dir: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
     Ok(vec![
         ("TLS_PLAINTEXT", "true".to_owned()),
         ("API_KEYS_FILE", keys_file.to_string_lossy().into_owned()),
-        (
-            "API_KEY_PEPPER",
-            "test pepper: long enough to key an HMAC-SHA256".to_owned(),
-        ),
+        ("API_KEY_PEPPER", TEST_PEPPER.to_owned()),
         (
             "IDENTITY_SIGNING_KEY",
             signing_key.expose_secret().to_owned(),
@@ -408,6 +415,26 @@ pub async fn spawn_payment_svc(
         envs.push(("LISTEN_ADDR", listen.to_string()));
     }
     crate::process::SpawnedService::start("payment-svc", &envs).await
+}
+
+/// Opens a BRL merchant account through the gateway with `key`; its id.
+pub async fn open_merchant(channel: Channel, key: &str) -> anyhow::Result<String> {
+    use proto::payments::v1 as pb;
+    let account = pb::payment_service_client::PaymentServiceClient::new(channel)
+        .create_account(with_key(
+            pb::CreateAccountRequest {
+                idempotency_key: uuid::Uuid::new_v4().to_string(),
+                currency: "BRL".to_owned(),
+                kind: pb::AccountKind::Merchant as i32,
+                ..Default::default()
+            },
+            key,
+        )?)
+        .await?
+        .into_inner()
+        .account
+        .context("CreateAccount answered no account")?;
+    Ok(account.id)
 }
 
 /// Waits until `check` holds, at most [`crate::LIVENESS`], naming `what` when it does not.

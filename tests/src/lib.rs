@@ -4,17 +4,22 @@
 //! they are through environment variables; every test then gets its own database
 //! ([`postgres::TestDatabase`]), its own Redis key space ([`redis::TestRedis`]) or its
 //! own Redis processes to freeze and kill ([`redis::PrivateRedis`],
-//! [`redis::RedisCluster`]), and
+//! [`redis::RedisCluster`]), the whole suite under a seeded fault schedule
+//! ([`bank::Bank`]), and
 //! services on port 0 — in-process through each crate's `run`, or as spawned binaries
-//! ([`process::SpawnedService`]) when a test must signal or kill a process.
+//! ([`process::SpawnedService`]) when a test must signal or kill a process. Tests of
+//! telemetry run their own OTLP collector ([`otlp::Collector`]).
 //!
 //! The tests themselves live in `tests/suite/`, one module per area, compiled into one
 //! binary.
 
 pub mod acquirer;
+pub mod bank;
 pub mod gateway;
 pub mod grpcurl;
+pub mod hostile;
 pub mod identity;
+pub mod otlp;
 pub mod payments;
 pub mod postgres;
 pub mod process;

@@ -212,6 +212,11 @@ impl SpawnedService {
         format!("http://{}", self.addr)
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let pid = self.child.id().context("process already reaped")?;

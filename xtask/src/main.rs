@@ -6,6 +6,8 @@
 //! - `check-manifests`: render and validate `k8s/` offline (part of `test` too).
 //! - `token`: an identity token signed with the development key, for grpcurl.
 //! - `bench`: the DESIGN §9 measurements, written to BENCHMARKS.md.
+//! - `soak`: the long runs (`PAYSUITE_SOAK=1`): the request fuzzers with thousands of inputs,
+//!   the bank workload under faults for ten minutes.
 //!
 //! Modules:
 //! - [`tools`] finds or installs what the commands run (apt, pip, npm);
@@ -72,6 +74,18 @@ enum Command {
         )]
         nextest_args: Vec<String>,
     },
+    /// The long runs kept out of `test`, with PAYSUITE_SOAK=1: the request fuzzers
+    /// (thousands of generated inputs per method) and the bank workload under faults (ten
+    /// minutes). Arguments select tests as for `test`.
+    Soak {
+        /// Test-name filters and nextest options (default: the fuzzers and the bank).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "NEXTEST_ARGS"
+        )]
+        nextest_args: Vec<String>,
+    },
     /// Render every k8s/ overlay and validate it offline: the drift check against the
     /// services' configuration, kubernetes-validate --strict and checkov (manifests and
     /// Dockerfile). `test` runs the same among its static checks.
@@ -123,6 +137,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up => up::run(&interrupted),
         Command::Test { nextest_args } => test::run(&nextest_args, &interrupted),
+        Command::Soak { nextest_args } => test::soak(&nextest_args, &interrupted),
         Command::CheckManifests => manifests::validate(&interrupted),
         Command::Token {
             principal,

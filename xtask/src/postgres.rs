@@ -129,6 +129,59 @@ impl Postgres {
         })
     }
 
+    /// The server's log (`pg_ctl -l`), when xtask started the server.
+    pub fn log_file(&self) -> Option<&Path> {
+        self.cluster.as_ref().map(|cluster| cluster.log.as_path())
+    }
+
+    /// The postmaster's pid (first line of `postmaster.pid`), when xtask started the server.
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .context("PostgreSQL was not started by xtask: its postmaster is unknown")?;
+        let path = cluster.data_dir.join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .with_context(|| format!("{} names no pid", path.display()))
+    }
+
+    /// The directory of the PostgreSQL programs (pgbench, psql, …).
+    pub fn bin_dir(&self, interrupted: &Interrupted) -> anyhow::Result<PathBuf> {
+        match &self.cluster {
+            Some(cluster) => Ok(cluster.bin_dir.clone()),
+            None => tools::postgres_bin(interrupted),
+        }
+    }
+
+    /// Runs one SQL query as the superuser on `database` and returns its rows, one per
+    /// line, fields separated by `|` (`psql -At`).
+    pub fn query(
+        &self,
+        database: &str,
+        sql: &str,
+        interrupted: &Interrupted,
+    ) -> anyhow::Result<String> {
+        let psql = self.bin_dir(interrupted)?.join("psql");
+        let url = match self.superuser_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{database}"),
+            None => bail!("the superuser URL names no database"),
+        };
+        let mut command = Command::new(&psql);
+        command
+            .args(["-v", "ON_ERROR_STOP=1", "-X", "-A", "-t", "-q", "-d"])
+            .arg(&url)
+            .args(["-c", sql])
+            .stdin(Stdio::null());
+        let output = run_captured(command, "psql -c")?;
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .trim_end()
+            .to_owned())
+    }
+
     /// A superuser URL (database `postgres`).
     pub fn superuser_url(&self) -> &str {
         &self.superuser_url

@@ -29,6 +29,25 @@ pub fn cargo(args: &[&str]) -> Command {
     if std::env::var_os("CARGO_TARGET_DIR").is_some() {
         command.env("CARGO_TARGET_DIR", target_dir());
     }
+    // `cargo run` (through the `xtask` alias) gave us the variables cargo sets for a
+    // package. Build scripts that track them (ring's does) would see values a plain
+    // `cargo build` never sets and rebuild everything on each switch between the two.
+    for (name, _) in std::env::vars_os() {
+        let set_by_cargo_run = name.to_str().is_some_and(|name| {
+            name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    name,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+        });
+        if set_by_cargo_run {
+            command.env_remove(name);
+        }
+    }
     command
 }
 

@@ -32,6 +32,30 @@ pub const ENV_BIN_DIR: &str = "PAYSUITE_BIN_DIR";
 /// Runs every check. Non-empty `nextest_args` select tests (passed to `cargo nextest run`)
 /// and skip the static checks.
 pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result<()> {
+    run_with(nextest_args, &[], interrupted)
+}
+
+/// `cargo xtask soak`: the long runs kept out of `test`, with [`ENV_SOAK`] set — the
+/// request fuzzers (thousands of inputs per method instead of dozens) and the bank
+/// workload under faults (ten minutes instead of one). Arguments select other tests
+/// instead, as for `test`.
+pub fn soak(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result<()> {
+    let selection = if nextest_args.is_empty() {
+        vec!["fuzz_".to_owned(), "spawned_bank_".to_owned()]
+    } else {
+        nextest_args.to_vec()
+    };
+    run_with(&selection, &[(ENV_SOAK, "1")], interrupted)
+}
+
+/// `PAYSUITE_SOAK=1`: tests that have a long form run it.
+pub const ENV_SOAK: &str = "PAYSUITE_SOAK";
+
+fn run_with(
+    nextest_args: &[String],
+    extra_env: &[(&str, &str)],
+    interrupted: &Interrupted,
+) -> anyhow::Result<()> {
     let grpcurl = tools::grpcurl(interrupted)?;
     let redis_server = tools::redis_server(interrupted)?;
     let redis_cli = tools::redis_cli(interrupted)?;
@@ -41,10 +65,12 @@ pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result
         println!("xtask: test arguments given, skipping rustfmt, clippy and buf lint");
     }
 
-    // Tests spawn the service binaries from target/debug.
+    // Tests spawn the service binaries from target/debug. The test targets are built in
+    // the same invocation: with them, dev-dependencies take part in feature resolution, so
+    // the binaries and nextest's build share one set of dependency builds instead of two.
     step(
         "cargo build",
-        cargo(&["build", "--workspace", "--bins", "--locked"]),
+        cargo(&["build", "--workspace", "--bins", "--tests", "--locked"]),
         interrupted,
     )?;
 
@@ -67,7 +93,8 @@ pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result
         .env(ENV_REDIS_SERVER, &redis_server)
         .env(ENV_REDIS_CLI, &redis_cli)
         .env(ENV_GRPCURL, &grpcurl)
-        .env(ENV_BIN_DIR, target_dir().join("debug"));
+        .env(ENV_BIN_DIR, target_dir().join("debug"))
+        .envs(extra_env.iter().copied());
     step("cargo nextest", nextest, interrupted)?;
 
     println!("xtask: all checks passed");

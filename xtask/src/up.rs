@@ -122,16 +122,19 @@ pub fn run(interrupted: &Interrupted) -> anyhow::Result<()> {
 
 /// The URLs of the application database.
 #[derive(Debug)]
-struct Database {
+pub(crate) struct Database {
     /// `paysuite_app`: what the service runs as (no ownership, only granted privileges).
-    service_url: String,
+    pub(crate) service_url: String,
     /// `paysuite_owner`: owns the schema and runs migrations.
-    owner_url: String,
+    pub(crate) owner_url: String,
 }
 
 /// Creates (or, on a server given by DATABASE_URL, updates) the roles and the database,
 /// with fresh generated passwords.
-fn create_database(postgres: &Postgres, interrupted: &Interrupted) -> anyhow::Result<Database> {
+pub(crate) fn create_database(
+    postgres: &Postgres,
+    interrupted: &Interrupted,
+) -> anyhow::Result<Database> {
     let owner_password = random_hex(16)?;
     let service_password = random_hex(16)?;
     // The passwords are hex, so they need no quoting beyond the literal's quotes.

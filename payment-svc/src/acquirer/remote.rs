@@ -1,4 +1,6 @@
 //! The acquirer over gRPC (`paysuite.acquirer.v1`), behind a timeout and a circuit breaker.
+//! Each call has a client span (`acquirer.authorize`, …, with the attempt id) whose W3C
+//! trace context goes to the acquirer in the request metadata.
 //!
 //! How answers map, with money safety first — a call that may have reached the acquirer
 //! is never reported as "nothing happened" (that would let a retry use a new attempt id
@@ -20,6 +22,7 @@ use proto::acquirer::v1::acquirer_service_client::AcquirerServiceClient;
 use service_kit::breaker::{BreakerConfig, CircuitBreaker};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument as _;
 
 use super::{Acquirer, AcquirerError, AuthorizeRequest, Operation, OperationKind, OperationStatus};
 use crate::domain::{Currency, Money};
@@ -49,10 +52,18 @@ impl RemoteAcquirer {
             .map_err(|err| RemoteError(err.to_string()))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true);
+        // Host and port only: a URL's user info or query could hold a credential.
+        let uri = endpoint.uri();
+        let address = match (uri.host(), uri.port_u16()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            _ => String::new(),
+        };
+        let breaker = CircuitBreaker::observed(breaker, "acquirer", &address);
         Ok(Self {
             client: AcquirerServiceClient::new(endpoint.connect_lazy()),
             timeout,
-            breaker: CircuitBreaker::new(breaker),
+            breaker,
         })
     }
 
@@ -61,16 +72,62 @@ impl RemoteAcquirer {
         &self.breaker
     }
 
-    async fn call<T, F, Fut>(&self, call: F) -> Result<T, AcquirerError>
+    /// One call to the acquirer, in a client span naming the operation and the attempt
+    /// id it is for; the span's trace context travels in the request's metadata.
+    async fn call<M, T, F, Fut>(
+        &self,
+        operation: &'static str,
+        attempt_id: &str,
+        message: M,
+        call: F,
+    ) -> Result<T, AcquirerError>
     where
-        F: FnOnce(AcquirerServiceClient<Channel>) -> Fut,
+        F: FnOnce(AcquirerServiceClient<Channel>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let span = tracing::info_span!(
+            "acquirer",
+            otel.name = operation,
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            acquirer.operation = operation,
+            acquirer.attempt_id = attempt_id,
+            acquirer.outcome = tracing::field::Empty,
+        );
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.timeout);
+        service_kit::telemetry::inject_metadata(&span, request.metadata_mut());
+        let result = self
+            .guarded(call(self.client.clone(), request))
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(_) => "answered",
+            Err(AcquirerError::Unavailable(_)) => "unavailable",
+            Err(AcquirerError::Timeout) => "unknown",
+            Err(AcquirerError::Rejected(_)) => "rejected",
+        };
+        span.record("acquirer.outcome", outcome);
+        if matches!(
+            result,
+            Err(AcquirerError::Unavailable(_) | AcquirerError::Timeout)
+        ) {
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+
+    /// The call behind the breaker and the timeout (see the module docs for the mapping).
+    async fn guarded<T, Fut>(&self, call: Fut) -> Result<T, AcquirerError>
+    where
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let permit = self
             .breaker
             .try_acquire()
             .map_err(|_| AcquirerError::Unavailable("circuit open".to_owned()))?;
-        match tokio::time::timeout(self.timeout, call(self.client.clone())).await {
+        match tokio::time::timeout(self.timeout, call).await {
             Err(_) => {
                 permit.failure();
                 Err(AcquirerError::Timeout)
@@ -89,12 +146,6 @@ impl RemoteAcquirer {
                 Err(error)
             }
         }
-    }
-
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        request.set_timeout(self.timeout);
-        request
     }
 }
 
@@ -186,9 +237,13 @@ impl Acquirer for RemoteAcquirer {
                     .unwrap_or_default(),
             }),
         };
-        let request = self.request(message);
         let response = self
-            .call(|mut client| async move { client.authorize(request).await })
+            .call(
+                "acquirer.authorize",
+                request.operation_id,
+                message,
+                |mut client, request| async move { client.authorize(request).await },
+            )
             .await?;
         operation(response.operation)
     }
@@ -199,13 +254,18 @@ impl Acquirer for RemoteAcquirer {
         authorization_id: &str,
         money: Money,
     ) -> Result<Operation, AcquirerError> {
-        let request = self.request(pb::CaptureRequest {
+        let message = pb::CaptureRequest {
             operation_id: operation_id.to_owned(),
             authorization_id: authorization_id.to_owned(),
             amount: Some(amount(money)),
-        });
+        };
         let response = self
-            .call(|mut client| async move { client.capture(request).await })
+            .call(
+                "acquirer.capture",
+                operation_id,
+                message,
+                |mut client, request| async move { client.capture(request).await },
+            )
             .await?;
         operation(response.operation)
     }
@@ -215,12 +275,17 @@ impl Acquirer for RemoteAcquirer {
         operation_id: &str,
         authorization_id: &str,
     ) -> Result<Operation, AcquirerError> {
-        let request = self.request(pb::VoidRequest {
+        let message = pb::VoidRequest {
             operation_id: operation_id.to_owned(),
             authorization_id: authorization_id.to_owned(),
-        });
+        };
         let response = self
-            .call(|mut client| async move { client.void(request).await })
+            .call(
+                "acquirer.void",
+                operation_id,
+                message,
+                |mut client, request| async move { client.void(request).await },
+            )
             .await?;
         operation(response.operation)
     }
@@ -231,23 +296,33 @@ impl Acquirer for RemoteAcquirer {
         capture_id: &str,
         money: Money,
     ) -> Result<Operation, AcquirerError> {
-        let request = self.request(pb::RefundRequest {
+        let message = pb::RefundRequest {
             operation_id: operation_id.to_owned(),
             capture_id: capture_id.to_owned(),
             amount: Some(amount(money)),
-        });
+        };
         let response = self
-            .call(|mut client| async move { client.refund(request).await })
+            .call(
+                "acquirer.refund",
+                operation_id,
+                message,
+                |mut client, request| async move { client.refund(request).await },
+            )
             .await?;
         operation(response.operation)
     }
 
     async fn get_operation(&self, operation_id: &str) -> Result<Option<Operation>, AcquirerError> {
-        let request = self.request(pb::GetOperationRequest {
+        let message = pb::GetOperationRequest {
             operation_id: operation_id.to_owned(),
-        });
+        };
         match self
-            .call(|mut client| async move { client.get_operation(request).await })
+            .call(
+                "acquirer.get_operation",
+                operation_id,
+                message,
+                |mut client, request| async move { client.get_operation(request).await },
+            )
             .await
         {
             Ok(response) => operation(response.operation).map(Some),
@@ -267,13 +342,18 @@ impl Acquirer for RemoteAcquirer {
         let mut found = Vec::new();
         let mut page_token = String::new();
         loop {
-            let request = self.request(pb::ListOperationsRequest {
+            let message = pb::ListOperationsRequest {
                 reference: reference.unwrap_or_default().to_owned(),
                 page_size: 1000,
                 page_token: page_token.clone(),
-            });
+            };
             let response = self
-                .call(|mut client| async move { client.list_operations(request).await })
+                .call(
+                    "acquirer.list_operations",
+                    "",
+                    message,
+                    |mut client, request| async move { client.list_operations(request).await },
+                )
                 .await?;
             for wire in response.operations {
                 found.push(operation(Some(wire))?);

@@ -26,6 +26,7 @@ use sqlx::PgPool;
 use tokio_stream::Stream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::audit::{self, AuditEvent};
 use crate::domain::card::{CardDetails, Cvc, Pan, check_expiry};
@@ -93,7 +94,8 @@ fn caller<T>(request: &Request<T>) -> Result<Identity, Status> {
         .ok_or_else(|| Status::unauthenticated("missing identity token"))
 }
 
-/// The request id from `x-request-id`, or a new one.
+/// The request id from `x-request-id`, or a new one (then recorded on the call's span,
+/// so errors logged for the call carry it; a caller's id is recorded by the RPC layer).
 fn request_id<T>(request: &Request<T>) -> String {
     request
         .metadata()
@@ -101,7 +103,11 @@ fn request_id<T>(request: &Request<T>) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| {
+            let generated = uuid::Uuid::new_v4().to_string();
+            tracing::Span::current().record("request_id", generated.as_str());
+            generated
+        })
 }
 
 fn parse_key(violations: &mut Violations, key: &str) -> Option<IdempotencyKey> {
@@ -260,15 +266,18 @@ impl PaymentApi {
         let pool = self.pool.clone();
         let owner = principal.to_owned();
         // Spawned: a caller that disconnects or times out does not leave the work half done.
-        let task = tokio::spawn(async move {
-            let claim = Claim {
-                owner_id: &owner,
-                method,
-                key: &key,
-                fingerprint,
-            };
-            idempotency::run_atomic(&pool, &claim, work).await
-        });
+        let task = tokio::spawn(
+            async move {
+                let claim = Claim {
+                    owner_id: &owner,
+                    method,
+                    key: &key,
+                    fingerprint,
+                };
+                idempotency::run_atomic(&pool, &claim, work).await
+            }
+            .in_current_span(),
+        );
         let outcome = task
             .await
             .map_err(|err| Status::from(Error::Internal(format!("request task failed: {err}"))))?
@@ -293,16 +302,19 @@ impl PaymentApi {
         let fingerprint = idempotency::fingerprint(&normalized.encode_to_vec());
         let flow = self.settings.payments.clone();
         // Spawned: a caller that disconnects or times out does not leave the work half done.
-        let task = tokio::spawn(async move {
-            let owner = follow_up.owner_id.clone();
-            let claim = Claim {
-                owner_id: &owner,
-                method,
-                key: &key,
-                fingerprint,
-            };
-            flow.follow_up(&claim, follow_up, encode).await
-        });
+        let task = tokio::spawn(
+            async move {
+                let owner = follow_up.owner_id.clone();
+                let claim = Claim {
+                    owner_id: &owner,
+                    method,
+                    key: &key,
+                    fingerprint,
+                };
+                flow.follow_up(&claim, follow_up, encode).await
+            }
+            .in_current_span(),
+        );
         let outcome = task
             .await
             .map_err(|err| Status::from(Error::Internal(format!("request task failed: {err}"))))?
@@ -347,6 +359,8 @@ struct AuditPageToken {
 
 /// Messages a stream buffers for a slow consumer (its task then waits; writers never do).
 const STREAM_BUFFER: usize = 16;
+/// The response header of WatchPaymentEvents naming the cursor the stream starts from.
+pub const START_CURSOR_HEADER: &str = "x-paysuite-cursor";
 /// How soon a stream looks again at events held back by a running transaction.
 const HELD_BACK_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Events read per query.
@@ -653,15 +667,18 @@ impl PaymentService for PaymentApi {
             .encode_to_vec()
         });
         // Spawned: a caller that disconnects or times out does not leave the payment half done.
-        let task = tokio::spawn(async move {
-            let claim = Claim {
-                owner_id: &owner,
-                method: CREATE_PAYMENT,
-                key: &key,
-                fingerprint,
-            };
-            flow.create(&claim, new_payment, encode).await
-        });
+        let task = tokio::spawn(
+            async move {
+                let claim = Claim {
+                    owner_id: &owner,
+                    method: CREATE_PAYMENT,
+                    key: &key,
+                    fingerprint,
+                };
+                flow.create(&claim, new_payment, encode).await
+            }
+            .in_current_span(),
+        );
         let outcome = task
             .await
             .map_err(|err| Status::from(Error::Internal(format!("request task failed: {err}"))))?
@@ -1009,44 +1026,47 @@ impl PaymentService for PaymentApi {
         let pool = self.pool.clone();
         let mut wake = self.streams.notifier.ledger();
         let poll = self.streams.poll_interval;
-        tokio::spawn(async move {
-            let mut version = first.version;
-            let message = |balance| pb::WatchBalanceResponse {
-                balance: Some(convert::balance(&account_id, balance)),
-            };
-            if sender.send(Ok(message(first))).await.is_err() {
-                return;
-            }
-            loop {
-                // A slow consumer is not sent every change: when it takes the next
-                // message, it gets the balance as it is then (the version shows the jump).
-                tokio::select! {
-                    _ = wake.changed() => {}
-                    () = tokio::time::sleep(poll) => {}
-                    () = sender.closed() => return,
-                }
-                wake.borrow_and_update();
-                let balance = match pool.acquire().await {
-                    Ok(mut connection) => {
-                        ledger::balance(&mut connection, &owner, &account_id).await
-                    }
-                    Err(err) => Err(Error::from(err)),
+        tokio::spawn(
+            async move {
+                let mut version = first.version;
+                let message = |balance| pb::WatchBalanceResponse {
+                    balance: Some(convert::balance(&account_id, balance)),
                 };
-                match balance {
-                    Ok(balance) if balance.version > version => {
-                        version = balance.version;
-                        if sender.send(Ok(message(balance))).await.is_err() {
+                if sender.send(Ok(message(first))).await.is_err() {
+                    return;
+                }
+                loop {
+                    // A slow consumer is not sent every change: when it takes the next
+                    // message, it gets the balance as it is then (the version shows the jump).
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        () = tokio::time::sleep(poll) => {}
+                        () = sender.closed() => return,
+                    }
+                    wake.borrow_and_update();
+                    let balance = match pool.acquire().await {
+                        Ok(mut connection) => {
+                            ledger::balance(&mut connection, &owner, &account_id).await
+                        }
+                        Err(err) => Err(Error::from(err)),
+                    };
+                    match balance {
+                        Ok(balance) if balance.version > version => {
+                            version = balance.version;
+                            if sender.send(Ok(message(balance))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            let _ = sender.send(Err(Status::from(err))).await;
                             return;
                         }
                     }
-                    Ok(_) => {}
-                    Err(err) => {
-                        let _ = sender.send(Err(Status::from(err))).await;
-                        return;
-                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),
         )))
@@ -1076,67 +1096,89 @@ impl PaymentService for PaymentApi {
         };
         let already_committed: std::collections::BTreeSet<i64> =
             already_committed.into_iter().collect();
+        // Where this stream starts, for a consumer whose stream breaks before its first
+        // event: resuming from it delivers what this stream would have, plus the events
+        // committed just before it began (`already_committed`, skipped here).
+        let start = convert::encode_token(&EventCursor {
+            owner: owner.clone(),
+            xid: cursor.xid,
+            id: cursor.id,
+        });
         let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
         let pool = self.pool.clone();
         let mut wake = self.streams.notifier.events();
         let poll = self.streams.poll_interval;
-        tokio::spawn(async move {
-            loop {
-                wake.borrow_and_update();
-                let batch = match pool.acquire().await {
-                    Ok(mut connection) => {
-                        match events::after(&mut connection, &owner, cursor, EVENT_BATCH).await {
-                            Ok(batch) if batch.is_empty() => {
-                                events::held_back(&mut connection, &owner, cursor)
-                                    .await
-                                    .map(|held| (batch, held))
+        tokio::spawn(
+            async move {
+                loop {
+                    wake.borrow_and_update();
+                    // After a batch that is not full, are events still held back behind
+                    // a transaction (any in the cluster: xmin is cluster-wide)? Those need
+                    // a look again soon, whether or not this batch delivered anything:
+                    // their notification may have come and gone already.
+                    let batch = match pool.acquire().await {
+                        Ok(mut connection) => {
+                            match events::after(&mut connection, &owner, cursor, EVENT_BATCH).await
+                            {
+                                Ok(batch) if (batch.len() as i64) < EVENT_BATCH => {
+                                    let last = batch.last().map_or(cursor, |event| event.cursor);
+                                    events::held_back(&mut connection, &owner, last)
+                                        .await
+                                        .map(|held| (batch, held))
+                                }
+                                other => other.map(|batch| (batch, false)),
                             }
-                            other => other.map(|batch| (batch, false)),
+                        }
+                        Err(err) => Err(Error::from(err)),
+                    };
+                    let (batch, held) = match batch {
+                        Ok(found) => found,
+                        Err(err) => {
+                            let _ = sender.send(Err(Status::from(err))).await;
+                            return;
+                        }
+                    };
+                    let full = batch.len() as i64 == EVENT_BATCH;
+                    for event in batch {
+                        cursor = event.cursor;
+                        if already_committed.contains(&event.id) {
+                            continue;
+                        }
+                        let token = convert::encode_token(&EventCursor {
+                            owner: owner.clone(),
+                            xid: cursor.xid,
+                            id: cursor.id,
+                        });
+                        let message = pb::WatchPaymentEventsResponse {
+                            event: Some(convert::event(&event, token)),
+                        };
+                        if sender.send(Ok(message)).await.is_err() {
+                            return;
                         }
                     }
-                    Err(err) => Err(Error::from(err)),
-                };
-                let (batch, held) = match batch {
-                    Ok(found) => found,
-                    Err(err) => {
-                        let _ = sender.send(Err(Status::from(err))).await;
-                        return;
-                    }
-                };
-                let full = batch.len() as i64 == EVENT_BATCH;
-                for event in batch {
-                    cursor = event.cursor;
-                    if already_committed.contains(&event.id) {
+                    if full {
                         continue;
                     }
-                    let token = convert::encode_token(&EventCursor {
-                        owner: owner.clone(),
-                        xid: cursor.xid,
-                        id: cursor.id,
-                    });
-                    let message = pb::WatchPaymentEventsResponse {
-                        event: Some(convert::event(&event, token)),
-                    };
-                    if sender.send(Ok(message)).await.is_err() {
-                        return;
+                    // Events wait behind a transaction that has not ended: look again soon
+                    // (it may roll back or die without notifying anyone).
+                    let wait = if held { HELD_BACK_RETRY } else { poll };
+                    tokio::select! {
+                        _ = wake.changed() => {}
+                        () = tokio::time::sleep(wait) => {}
+                        () = sender.closed() => return,
                     }
                 }
-                if full {
-                    continue;
-                }
-                // Events wait behind a transaction that has not ended: look again soon
-                // (it may roll back or die without notifying anyone).
-                let wait = if held { HELD_BACK_RETRY } else { poll };
-                tokio::select! {
-                    _ = wake.changed() => {}
-                    () = tokio::time::sleep(wait) => {}
-                    () = sender.closed() => return,
-                }
             }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+            .in_current_span(),
+        );
+        let mut response = Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )) as Self::WatchPaymentEventsStream);
+        // The token is URL-safe base64, always a valid header value.
+        if let Ok(value) = start.parse() {
+            response.metadata_mut().insert(START_CURSOR_HEADER, value);
+        }
+        Ok(response)
     }
 }
 

@@ -15,6 +15,11 @@
 //!   `max_attempts`), snooze (later, without spending an attempt), cancel (a permanent
 //!   outcome), discard (no longer needed). Dead jobs are listed and re-run by an admin
 //!   ([`retry_dead`]). [`release`] hands a claimed job back at shutdown.
+//! - `max_attempts` bounds new work, never the settling of work already sent: a job whose
+//!   payment has an acquirer attempt with an open outcome (pending or unknown) is not dead
+//!   when it runs out of attempts — it keeps retrying (the backoff capped) until that
+//!   attempt is settled, and only then may it die. A dead job never hides a charge that
+//!   may exist.
 
 pub mod runner;
 
@@ -109,10 +114,12 @@ pub struct Job {
     pub created_at: DateTime<Utc>,
     /// Last changed.
     pub updated_at: DateTime<Utc>,
+    /// The W3C `traceparent` of the request that enqueued it, when export was on.
+    pub traceparent: Option<String>,
 }
 
 const JOB_COLUMNS: &str = "id, kind, owner_id, payment_id, state, attempt, max_attempts, fencing_token, \
-     last_error, schedule_at, created_at, updated_at";
+     last_error, schedule_at, created_at, updated_at, traceparent";
 
 fn job_from_row(row: &PgRow) -> Result<Job, Error> {
     Ok(Job {
@@ -128,6 +135,7 @@ fn job_from_row(row: &PgRow) -> Result<Job, Error> {
         schedule_at: row.try_get("schedule_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
@@ -158,9 +166,9 @@ pub async fn enqueue(
     job: &NewJob<'_>,
 ) -> Result<Option<i64>, Error> {
     let id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO jobs (kind, owner_id, payment_id, state, max_attempts, schedule_at) \
+        "INSERT INTO jobs (kind, owner_id, payment_id, state, max_attempts, schedule_at, traceparent) \
          VALUES ($1, $2, $3, CASE WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END, $4, \
-                 now() + make_interval(secs => $5::double precision / 1000)) \
+                 now() + make_interval(secs => $5::double precision / 1000), $6) \
          ON CONFLICT (payment_id) WHERE state IN ('available', 'scheduled', 'executing', 'retryable') DO NOTHING \
          RETURNING id",
     )
@@ -169,6 +177,8 @@ pub async fn enqueue(
     .bind(job.payment_id)
     .bind(job.max_attempts)
     .bind(millis(job.delay))
+    // The job's span links to the trace that enqueued it.
+    .bind(service_kit::telemetry::current_traceparent())
     .fetch_optional(&mut *connection)
     .await?;
     if id.is_none() {
@@ -195,21 +205,33 @@ pub struct Claimed {
     pub takeover: bool,
 }
 
+/// Whether the job's payment has an acquirer attempt whose outcome is open (pending:
+/// sent or about to be, unanswered; unknown: no answer in time). Such a job settles it
+/// before it may die, however many attempts it has spent.
+const SETTLING: &str = "EXISTS (SELECT 1 FROM attempts a WHERE a.payment_id = jobs.payment_id \
+                        AND a.status IN ('pending', 'unknown'))";
+
 /// Claims up to `limit` due jobs (and jobs whose lease expired) for `worker`, holding
-/// each for `lease`. Executing jobs whose lease expired after their last attempt are dead.
+/// each for `lease`. Executing jobs whose lease expired after their last attempt are dead,
+/// unless they are still settling an attempt: those are taken over like any other.
 pub async fn claim(
     pool: &PgPool,
     worker: &str,
     lease: Duration,
     limit: i64,
 ) -> Result<Vec<Claimed>, Error> {
-    sqlx::query(
+    let died: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs SET state = 'dead', locked_until = NULL, locked_by = NULL, finished_at = now(), \
          updated_at = now(), last_error = 'the lease of the last attempt expired' \
-         WHERE state = 'executing' AND locked_until < now() AND attempt >= max_attempts",
-    )
-    .execute(pool)
+         WHERE state = 'executing' AND locked_until < now() AND attempt >= max_attempts \
+           AND NOT {SETTLING} \
+         RETURNING kind"
+    )))
+    .fetch_all(pool)
     .await?;
+    for kind in died {
+        crate::metrics::job_dead(JobKind::parse(&kind)?);
+    }
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "WITH due AS ( \
            SELECT id, state = 'executing' AS takeover FROM jobs \
@@ -315,9 +337,12 @@ pub async fn finish(
     retry_backoff: (Duration, Duration),
 ) -> Result<JobState, Error> {
     fence(connection, job).await?;
+    let out_of_attempts = job.attempt >= job.max_attempts
+        && matches!(outcome, JobOutcome::Retry(_))
+        && !settling(connection, job).await?;
     let (state, error, delay, refund_attempt) = match outcome {
         JobOutcome::Ok => (JobState::Completed, String::new(), Duration::ZERO, false),
-        JobOutcome::Retry(error) if job.attempt >= job.max_attempts => {
+        JobOutcome::Retry(error) if out_of_attempts => {
             (JobState::Dead, error.clone(), Duration::ZERO, false)
         }
         JobOutcome::Retry(error) => (
@@ -350,6 +375,16 @@ pub async fn finish(
     .execute(&mut *connection)
     .await?;
     Ok(state)
+}
+
+/// Whether `job` is still settling an attempt (see [`SETTLING`]).
+async fn settling(connection: &mut PgConnection, job: &Job) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {SETTLING} FROM jobs WHERE id = $1"
+    )))
+    .bind(job.id)
+    .fetch_one(&mut *connection)
+    .await?)
 }
 
 /// Hands a held job back (graceful shutdown): available again at once, the attempt not

@@ -124,6 +124,10 @@ pub async fn run(
                             kind = job.job.kind.as_str(),
                             attempt = job.job.attempt
                         );
+                        // A trace of its own, linked to the request that enqueued it.
+                        if let Some(traceparent) = &job.job.traceparent {
+                            service_kit::telemetry::add_link(&span, traceparent);
+                        }
                         running.spawn(
                             async move {
                                 run_one(
@@ -258,6 +262,7 @@ async fn run_one(
     match record(pool, job, &outcome, config.backoff).await {
         Ok(state) => {
             counters.finished.fetch_add(1, Relaxed);
+            crate::metrics::job_attempt(job.kind, state);
             if state == JobState::Dead {
                 tracing::error!(error = ?outcome, "job is dead: out of attempts");
             } else {

@@ -653,6 +653,7 @@ pub(super) async fn capture_settled(
     if moved == 0 {
         return Ok(());
     }
+    crate::metrics::payment_transition(PaymentStatus::Succeeded, amount.currency().code());
     let settlement =
         ledger::system_account(connection, "acquirer_settlement", amount.currency()).await?;
     ledger::post(

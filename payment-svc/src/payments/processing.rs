@@ -10,7 +10,8 @@
 //! 3. PROCESSING → by its newest attempt: open (pending, unknown) → look it up at the
 //!    acquirer, and only if the acquirer never received it, send it again under the SAME
 //!    id (a takeover can never charge twice); failed without effect → a new attempt;
-//!    approved → the next step (capture, settle, cancel); declined → FAILED;
+//!    approved → the next step (capture, settle, cancel); declined → FAILED; past the
+//!    job's last attempt (it runs on only to settle an open attempt) nothing new is sent;
 //! 4. REQUIRES_CAPTURE past `void_after` → void (then CANCELED); before → sleep until then;
 //! 5. final → done.
 //!
@@ -176,7 +177,7 @@ async fn next_step(
         payment
     };
     match payment.status {
-        PaymentStatus::Processing => processing_step(connection, &payment).await,
+        PaymentStatus::Processing => processing_step(connection, job, &payment).await,
         PaymentStatus::RequiresCapture => {
             let due = authorized_at(connection, &payment.id).await?
                 + chrono::Duration::from_std(void_after).unwrap_or(chrono::Duration::MAX);
@@ -209,10 +210,21 @@ async fn next_step(
 }
 
 /// The next step of a PROCESSING payment, from its newest attempt.
-async fn processing_step(connection: &mut PgConnection, payment: &Payment) -> Result<Step, Error> {
+async fn processing_step(
+    connection: &mut PgConnection,
+    job: &Job,
+    payment: &Payment,
+) -> Result<Step, Error> {
     let attempt = newest_attempt(connection, &payment.id).await?;
     match attempt.status.as_str() {
         "pending" | "unknown" => Ok(Step::LookUp(attempt)),
+        // Past its last attempt a job only settles what it already sent (see `jobs`):
+        // nothing new is sent.
+        "failed" if job.attempt > job.max_attempts => Ok(Step::Done(JobOutcome::Retry(format!(
+            "{} attempt {} failed; out of attempts",
+            attempt.kind.as_str(),
+            attempt.id
+        )))),
         // Nothing happened: a new attempt (a new id) of the same operation.
         "failed" => {
             insert_attempt(

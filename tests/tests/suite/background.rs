@@ -1,6 +1,7 @@
 //! Background jobs driving payments against a real PostgreSQL and the sandbox acquirer:
 //! ASYNC payments, retries until the acquirer recovers, permanent declines, dead jobs and
-//! their retry by an admin, unknown outcomes settled by lookup, and the void timer.
+//! their retry by an admin, unknown outcomes settled by lookup (also past a job's last
+//! attempt: a job never dies with an outcome open), and the void timer.
 //!
 //! The safety-net poll is set far above every bound here, so the workers are woken by
 //! NOTIFY; backoffs are short. Waits are liveness bounds (`tests::LIVENESS`).
@@ -282,6 +283,93 @@ async fn a_job_out_of_attempts_is_dead_listed_and_retried_by_an_admin() -> anyho
             .as_deref(),
         Some("JOB_NOT_DEAD")
     );
+    setup.service.stop().await
+}
+
+/// `(kind, status)` of every acquirer attempt of the payment, oldest first.
+async fn attempts_of(setup: &Setup, payment_id: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut owner = PgConnection::connect(&setup.database.owner_url()).await?;
+    Ok(sqlx::query_as(
+        "SELECT kind, status FROM attempts WHERE payment_id = $1 ORDER BY created_at, id",
+    )
+    .bind(payment_id)
+    .fetch_all(&mut owner)
+    .await?)
+}
+
+/// Acquirer operation ids the sandbox saw an authorize call for.
+fn authorize_ids(setup: &Setup) -> usize {
+    setup
+        .sandbox
+        .counters()
+        .values()
+        .filter(|by_kind| by_kind.contains_key("authorize"))
+        .count()
+}
+
+#[tokio::test]
+async fn a_job_out_of_attempts_settles_its_unknown_authorization_instead_of_dying()
+-> anyhow::Result<()> {
+    // One attempt: the authorization is approved at the acquirer, but its answer comes
+    // after our timeout. Out of attempts with that outcome open, the job must not die.
+    let setup = setup(|config| config.jobs.max_attempts = 1).await?;
+    let payment = setup
+        .pay("slow", cards::CARD_SLOW_APPROVED, pb::PaymentMode::Async)
+        .await?;
+    let done = setup
+        .reaches(&payment.id, pb::PaymentStatus::Succeeded)
+        .await?;
+    assert_eq!(done.amount_captured.map(|m| m.amount_minor), Some(1_000));
+    let (state, attempt) = setup.job_of(&payment.id).await?;
+    assert_eq!(state, "completed");
+    assert!(attempt >= 2, "settled past the last attempt: {attempt}");
+    // Looked up, never sent again under a new id: one charge.
+    assert_eq!(authorize_ids(&setup), 1);
+    assert_eq!(setup.sandbox.approved_count(OperationKind::Authorize), 1);
+    let pool = sqlx::PgPool::connect(&setup.database.service_url()).await?;
+    let report = payment_svc::reconcile::reconcile(&pool, &setup.sandbox).await?;
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
+    setup.service.stop().await
+}
+
+#[tokio::test]
+async fn a_job_out_of_attempts_dies_only_once_its_unknown_attempt_is_settled_and_sends_nothing_new()
+-> anyhow::Result<()> {
+    let setup = setup(|config| config.jobs.max_attempts = 1).await?;
+    // Its one authorization happens (a processing error: nothing charged), but the
+    // answer never comes.
+    setup.faults(FailureMode::Timeout);
+    let payment = setup
+        .pay("lost", cards::CARD_PROCESSING_ERROR, pb::PaymentMode::Async)
+        .await?;
+    // Out of attempts with the outcome unknown, the job keeps running: the lookup finds
+    // nothing (a processing error leaves no trace at the acquirer), so the attempt is
+    // sent again under the same id, and its answer is lost again.
+    eventually("the job retries past its last attempt", || async {
+        let (state, attempt) = setup.job_of(&payment.id).await?;
+        anyhow::ensure!(state != "dead", "died with its authorization unknown");
+        Ok((attempt >= 3).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        attempts_of(&setup, &payment.id).await?,
+        [("authorize".to_owned(), "unknown".to_owned())]
+    );
+    // The acquirer answers again: the attempt is settled as failed (nothing charged), and
+    // only then is the job dead — without a new authorization.
+    setup.faults(FailureMode::None);
+    eventually("a dead job", || async {
+        Ok((setup.job_of(&payment.id).await?.0 == "dead").then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        attempts_of(&setup, &payment.id).await?,
+        [("authorize".to_owned(), "failed".to_owned())]
+    );
+    assert_eq!(authorize_ids(&setup), 1);
+    let pool = sqlx::PgPool::connect(&setup.database.service_url()).await?;
+    let report = payment_svc::reconcile::reconcile(&pool, &setup.sandbox).await?;
+    assert!(report.differences.is_empty(), "{:#?}", report.differences);
     setup.service.stop().await
 }
 

@@ -1,7 +1,8 @@
 //! The PAN canary: payment-svc with every log at TRACE runs a workload over every test
 //! card (payments, captures, refunds, and requests refused for a bad card field), and
 //! nothing it wrote — nor any error it answered — contains a test card's number, in
-//! digits, as bytes, or as hex.
+//! digits, as bytes, or as hex. The scanners are shared with the telemetry canary
+//! (`telemetry.rs`), which also scans exported spans and metrics.
 
 use nix::sys::signal::Signal;
 use proto::payments::v1 as pb;
@@ -10,7 +11,7 @@ use tests::postgres::TestDatabase;
 use tests::process::SpawnedService;
 
 /// Maximal runs of 13–19 digits that pass the Luhn check.
-fn luhn_valid_numbers(text: &str) -> Vec<String> {
+pub(crate) fn luhn_valid_numbers(text: &str) -> Vec<String> {
     let mut found = Vec::new();
     for run in text.split(|c: char| !c.is_ascii_digit()) {
         if (13..=19).contains(&run.len()) && luhn(run) {
@@ -38,7 +39,7 @@ fn luhn(digits: &str) -> bool {
 }
 
 /// The forms in which a number could leak: digits, a Debug'd byte list, hex.
-fn leaked_forms(card: &str) -> [String; 3] {
+pub(crate) fn leaked_forms(card: &str) -> [String; 3] {
     let bytes: Vec<String> = card.bytes().map(|b| b.to_string()).collect();
     let hex: String = card.bytes().map(|b| format!("{b:02x}")).collect();
     [card.to_owned(), bytes.join(", "), hex]

@@ -19,7 +19,7 @@ use proto::payments::v1::payment_service_client::PaymentServiceClient;
 use service_kit::breaker::BreakerState as State;
 use tests::gateway::{
     ADMIN_SCOPES, GatewayOptions, NOWHERE, TestGateway, WRITE_SCOPES, eventually, is_circuit_open,
-    quick_breakers, spawn_payment_svc, with_key,
+    open_merchant, quick_breakers, spawn_payment_svc, with_key,
 };
 use tests::postgres::TestDatabase;
 use tonic::transport::Channel;
@@ -40,22 +40,8 @@ struct Caller {
 
 impl Caller {
     async fn open(gateway: &TestGateway, key: &str) -> anyhow::Result<Self> {
-        let mut client = PaymentServiceClient::new(gateway.channel().await?);
-        let account_id = client
-            .create_account(with_key(
-                pb::CreateAccountRequest {
-                    idempotency_key: uuid::Uuid::new_v4().to_string(),
-                    currency: "BRL".to_owned(),
-                    kind: pb::AccountKind::Merchant as i32,
-                    ..Default::default()
-                },
-                key,
-            )?)
-            .await?
-            .into_inner()
-            .account
-            .context("CreateAccount answered no account")?
-            .id;
+        let client = PaymentServiceClient::new(gateway.channel().await?);
+        let account_id = open_merchant(gateway.channel().await?, key).await?;
         Ok(Self {
             client,
             key: key.to_owned(),
@@ -322,26 +308,25 @@ async fn spawned_two_replicas_share_the_load_and_a_killed_one_fails_only_calls_i
         victim.wait(tests::LIVENESS).await?;
         let at_kill = succeeded.load(Relaxed);
         let survivor_at_kill = survivor_endpoint.counters().calls.load(Relaxed);
+        // The two counters move at different moments of a call (dispatch,
+        // answer), so each gets its own bound rather than one being read
+        // against the other.
         eventually(
-            "the victim's breaker trips and the load keeps flowing",
+            "the victim's breaker trips and the survivor takes the load",
             || async {
                 Ok(victim_endpoint.breaker().state() != State::Closed
-                    && succeeded.load(Relaxed) >= at_kill + 200)
+                    && succeeded.load(Relaxed) >= at_kill + 200
+                    && survivor_endpoint.counters().calls.load(Relaxed) >= survivor_at_kill + 200)
             },
         )
-        .await?;
-        anyhow::Ok(survivor_endpoint.counters().calls.load(Relaxed) - survivor_at_kill)
+        .await
     }
     .await;
     stop.store(true, Relaxed);
     for worker in workers {
         worker.await?;
     }
-    let survivor_took = killed?;
-    assert!(
-        survivor_took >= 200,
-        "the survivor took the load: {survivor_took}"
-    );
+    killed?;
     let failed = failed.lock().map(|f| f.clone()).unwrap_or_default();
     assert!(
         failed.len() <= WORKERS,

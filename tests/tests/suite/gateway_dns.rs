@@ -8,10 +8,8 @@ use std::net::{Ipv6Addr, SocketAddr};
 
 use proto::gateway::v1::gateway_admin_service_client::GatewayAdminServiceClient;
 use proto::gateway::v1::{ListUpstreamsRequest, Upstream};
-use proto::payments::v1 as pb;
-use proto::payments::v1::payment_service_client::PaymentServiceClient;
 use secrecy::ExposeSecret as _;
-use tests::gateway::{ADMIN_SCOPES, eventually, spawn_payment_svc, with_key};
+use tests::gateway::{ADMIN_SCOPES, eventually, open_merchant, spawn_payment_svc, with_key};
 use tests::postgres::TestDatabase;
 use tests::process::SpawnedService;
 use tonic::transport::Channel;
@@ -85,20 +83,7 @@ async fn spawned_endpoints_follow_the_addresses_of_a_dns_name() -> anyhow::Resul
     let call = || {
         let channel = channel.clone();
         let key = key.clone();
-        async move {
-            PaymentServiceClient::new(channel)
-                .create_account(with_key(
-                    pb::CreateAccountRequest {
-                        idempotency_key: uuid::Uuid::new_v4().to_string(),
-                        currency: "BRL".to_owned(),
-                        kind: pb::AccountKind::Merchant as i32,
-                        ..Default::default()
-                    },
-                    &key,
-                )?)
-                .await?;
-            anyhow::Ok(())
-        }
+        async move { open_merchant(channel, &key).await.map(drop) }
     };
 
     // One address: one endpoint, which answers.

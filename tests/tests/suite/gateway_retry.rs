@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use proto::gateway::v1::BreakerOverride;
-use proto::payments::v1 as pb;
 use proto::payments::v1::payment_service_client::PaymentServiceClient;
 use tests::gateway::{
-    ADMIN_SCOPES, GatewayOptions, TestGateway, WRITE_SCOPES, eventually, spawn_payment_svc,
-    with_key,
+    ADMIN_SCOPES, GatewayOptions, TestGateway, WRITE_SCOPES, eventually, open_merchant,
+    spawn_payment_svc, with_key,
 };
 use tests::payments::{cards, payment_request};
 use tests::postgres::TestDatabase;
@@ -51,22 +50,8 @@ async fn kill_with_calls_in_flight(
     .await?;
     let key = gateway.add_key("acme", &WRITE_SCOPES, "standard").await?;
     let admin = gateway.add_key("ops", &ADMIN_SCOPES, "internal").await?;
-    let mut client = PaymentServiceClient::new(gateway.channel().await?);
-    let merchant = client
-        .create_account(with_key(
-            pb::CreateAccountRequest {
-                idempotency_key: uuid::Uuid::new_v4().to_string(),
-                currency: "BRL".to_owned(),
-                kind: pb::AccountKind::Merchant as i32,
-                ..Default::default()
-            },
-            &key,
-        )?)
-        .await?
-        .into_inner()
-        .account
-        .unwrap_or_default()
-        .id;
+    let client = PaymentServiceClient::new(gateway.channel().await?);
+    let merchant = open_merchant(gateway.channel().await?, &key).await?;
 
     gateway
         .set_breaker(

@@ -4,14 +4,18 @@
 
 mod acquirer;
 mod background;
+mod bank;
 mod canary;
 mod database;
 mod envoy;
+mod fuzz;
 mod gateway;
 mod gateway_breaker;
 mod gateway_dns;
 mod gateway_ratelimit;
 mod gateway_retry;
+mod hostile;
+mod idempotency;
 mod identity;
 mod jobs;
 mod ledger;
@@ -29,4 +33,5 @@ mod reflection;
 mod shutdown;
 mod streams;
 mod takeover;
+mod telemetry;
 mod vault;

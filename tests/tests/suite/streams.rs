@@ -14,6 +14,11 @@ use tests::postgres::TestDatabase;
 use tests::services::{self, RunningService};
 use tokio_stream::StreamExt as _;
 
+/// An event for payment `$1` of alice's, written by hand in a transaction the test controls
+/// (no NOTIFY: only the stream's own re-checks can find it).
+const INSERT_EVENT: &str = "INSERT INTO payment_events (owner_id, type, payment_id, status, amount_captured, \
+                            amount_refunded, changed_at) VALUES ('alice', 'payment.succeeded', $1, 'succeeded', 100, 0, now())";
+
 /// Far above every bound in these tests: only NOTIFY can deliver in time.
 const POLL: Duration = Duration::from_secs(60);
 /// The bound for a change to reach a stream on another replica.
@@ -136,15 +141,13 @@ async fn payment_events_arrive_once_in_cursor_order_despite_late_commits() -> an
     // A writer takes its transaction id now and commits last; another rolls back.
     let mut late = PgConnection::connect(&database.owner_url()).await?;
     let mut late_tx = late.begin().await?;
-    let insert_event = "INSERT INTO payment_events (owner_id, type, payment_id, status, amount_captured, \
-                        amount_refunded, changed_at) VALUES ('alice', 'payment.succeeded', $1, 'succeeded', 100, 0, now())";
-    sqlx::query(insert_event)
+    sqlx::query(INSERT_EVENT)
         .bind(&seed.id)
         .execute(&mut *late_tx)
         .await?;
     let mut doomed = PgConnection::connect(&database.owner_url()).await?;
     let mut doomed_tx = doomed.begin().await?;
-    sqlx::query(insert_event)
+    sqlx::query(INSERT_EVENT)
         .bind(&seed.id)
         .execute(&mut *doomed_tx)
         .await?;
@@ -219,6 +222,78 @@ async fn payment_events_arrive_once_in_cursor_order_despite_late_commits() -> an
     second.stop().await
 }
 
+/// A consumer whose stream broke before its first event resumes from the start cursor the
+/// stream's headers carried, and misses nothing. The resumed stream's first batch is
+/// partial — later events wait behind an open transaction — and those still arrive soon
+/// after that transaction ends without a notification (a rollback), not at the slow poll.
+#[tokio::test]
+async fn a_stream_broken_before_its_first_event_resumes_from_the_start_cursor_in_its_headers()
+-> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let (service, alice) = replica(&database).await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let first = alice
+        .client()
+        .watch_payment_events(alice.request(pb::WatchPaymentEventsRequest::default()))
+        .await?;
+    let start = first
+        .metadata()
+        .get(payment_svc::START_CURSOR_HEADER)
+        .ok_or_else(|| anyhow::anyhow!("no start cursor in {:?}", first.metadata()))?
+        .to_str()?
+        .to_owned();
+    // The stream breaks before any event; payments commit while nobody watches, the
+    // second behind a transaction that holds its events back.
+    drop(first);
+    let pay = async |n: i64| {
+        alice
+            .pay(payment_request(
+                &format!("unwatched-{n}"),
+                &merchant,
+                500 + n,
+                cards::CARD_APPROVED,
+            ))
+            .await
+    };
+    pay(0).await?;
+    let mut holder = PgConnection::connect(&database.owner_url()).await?;
+    let mut holding = holder.begin().await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *holding)
+        .await?;
+    pay(1).await?;
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let committed: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM payment_events WHERE owner_id = 'alice' ORDER BY xid, id",
+    )
+    .fetch_all(&mut owner)
+    .await?;
+    assert_eq!(committed.len(), 4, "two events per payment");
+
+    let mut resumed = alice
+        .client()
+        .watch_payment_events(alice.request(pb::WatchPaymentEventsRequest { cursor: start }))
+        .await?
+        .into_inner();
+    let before = take(&mut resumed, 2).await?;
+    assert_eq!(
+        before.iter().map(|e| e.id).collect::<Vec<_>>(),
+        committed[..2]
+    );
+    holding.rollback().await?;
+    let after = take(&mut resumed, 2).await?;
+    assert_eq!(
+        after.iter().map(|e| e.id).collect::<Vec<_>>(),
+        committed[2..],
+        "nothing committed after the first stream began is missed"
+    );
+    drop(resumed);
+    service.stop().await
+}
+
 /// A transaction that commits between a stream's read (nothing deliverable yet) and its
 /// held-back check must still make the stream look again soon: its events are no longer
 /// held back, but they were not delivered either, and no notification will come.
@@ -253,13 +328,10 @@ async fn an_event_committed_between_the_read_and_the_held_back_check_is_looked_f
 
     let mut late = PgConnection::connect(&database.owner_url()).await?;
     let mut late_tx = late.begin().await?;
-    sqlx::query(
-        "INSERT INTO payment_events (owner_id, type, payment_id, status, amount_captured, \
-         amount_refunded, changed_at) VALUES ('alice', 'payment.succeeded', $1, 'succeeded', 100, 0, now())",
-    )
-    .bind(&seed.id)
-    .execute(&mut *late_tx)
-    .await?;
+    sqlx::query(INSERT_EVENT)
+        .bind(&seed.id)
+        .execute(&mut *late_tx)
+        .await?;
     let read = events::after(&mut reader, "alice", cursor, 10).await?;
     assert!(read.is_empty(), "an open transaction's event was delivered");
     late_tx.commit().await?;

@@ -61,10 +61,16 @@ async fn until_final(tenant: &Tenant, payment_id: &str) -> anyhow::Result<pb::Pa
 async fn spawned_worker_aborted_mid_job_is_taken_over_and_charges_once() -> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    // One attempt per job: the takeover runs past the job's last attempt, which it may
+    // only because the attempt it takes over is still open (pending) — a job never dies
+    // with a charge that may exist.
     let (mut doomed, alice) = replica(
         &database,
         &sandbox.endpoint(),
-        &[("PAYSUITE_FAILPOINT", "job_after_acquirer")],
+        &[
+            ("PAYSUITE_FAILPOINT", "job_after_acquirer"),
+            ("JOB_MAX_ATTEMPTS", "1"),
+        ],
     )
     .await?;
     let merchant = alice
@@ -92,7 +98,8 @@ async fn spawned_worker_aborted_mid_job_is_taken_over_and_charges_once() -> anyh
 
     // Another replica takes the job over once its lease (1 s) ran out, looks the
     // authorization up instead of making a new one, and finishes.
-    let (_survivor, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    let (_survivor, alice) =
+        replica(&database, &sandbox.endpoint(), &[("JOB_MAX_ATTEMPTS", "1")]).await?;
     let done = until_final(&alice, &payment.id).await?;
     assert_eq!(done.status, pb::PaymentStatus::Succeeded as i32);
     let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;

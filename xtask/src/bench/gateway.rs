@@ -73,7 +73,11 @@ fn run(context: &Context<'_>) -> anyhow::Result<ScenarioReport> {
     )?;
 
     let gateway_binary = context.release_dir.join("gateway-svc");
-    let credentials = Credentials::generate(&gateway_binary, &context.run_dir)?;
+    let credentials = Credentials::generate(
+        &gateway_binary,
+        &context.run_dir,
+        proto::api::v1::SCOPE_RATELIMIT_CHECK,
+    )?;
     let routes_file = context.run_dir.join("routes.yaml");
     std::fs::write(&routes_file, routes_yaml(&noop_address))
         .with_context(|| format!("writing {}", routes_file.display()))?;
@@ -340,19 +344,20 @@ fn routes_yaml(noop_address: &str) -> String {
 }
 
 /// The bench's API key, made by `gateway-svc generate-key` with a fresh pepper.
-struct Credentials {
-    pepper: String,
-    keys_file: PathBuf,
-    key: String,
+pub(super) struct Credentials {
+    pub(super) pepper: String,
+    pub(super) keys_file: PathBuf,
+    pub(super) key: String,
 }
 
 impl Credentials {
-    fn generate(gateway: &Path, run_dir: &Path) -> anyhow::Result<Self> {
+    /// A key of principal `bench` with `scopes` (comma-separated).
+    pub(super) fn generate(gateway: &Path, run_dir: &Path, scopes: &str) -> anyhow::Result<Self> {
         let pepper = crate::random_hex(32)?;
         let mut command = Command::new(gateway);
         command
             .args(["generate-key", "--principal", PRINCIPAL])
-            .args(["--scopes", proto::api::v1::SCOPE_RATELIMIT_CHECK])
+            .args(["--scopes", scopes])
             .args(["--tier", TIER])
             .env("API_KEY_PEPPER", &pepper);
         let output = run_captured(command, "gateway-svc generate-key")?;
@@ -364,7 +369,7 @@ impl Credentials {
         let keys_file = run_dir.join("api-keys.yaml");
         crate::identity::write_private(
             &keys_file,
-            &format!("# cargo xtask bench gateway (a new key every run).\n{line}\n"),
+            &format!("# cargo xtask bench (a new key every run).\n{line}\n"),
         )?;
         Ok(Self {
             pepper,

@@ -23,11 +23,15 @@
 //! itself is a debug build, so it builds `--release` first and runs the release xtask for
 //! everything that is measured or measures.
 
+pub mod capture;
 pub mod check;
+pub mod create_payment;
 pub mod gateway;
 pub mod limiter;
 pub mod load;
 pub mod noop;
+pub mod payments;
+pub mod pgbench;
 pub mod pin;
 pub mod protocol;
 pub mod report;
@@ -54,7 +58,7 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order `cargo xtask bench` runs them.
-pub const SCENARIOS: &[Scenario] = &[limiter::SCENARIO, gateway::SCENARIO];
+pub const SCENARIOS: &[Scenario] = &[limiter::SCENARIO, gateway::SCENARIO, payments::SCENARIO];
 
 /// The workload a `bench-load` process runs, by name.
 pub fn workload(
@@ -63,6 +67,9 @@ pub fn workload(
 ) -> anyhow::Result<Box<dyn load::Workload>> {
     match name {
         check::CHECK_WORKLOAD => Ok(Box::new(check::CheckWorkload::from_params(params)?)),
+        create_payment::CREATE_PAYMENT_WORKLOAD => Ok(Box::new(
+            create_payment::CreatePaymentWorkload::from_params(params)?,
+        )),
         other => bail!("no workload named `{other}`"),
     }
 }
@@ -70,7 +77,7 @@ pub fn workload(
 /// `cargo xtask bench [SCENARIO…]`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run (all when none): limiter, gateway.
+    /// Scenarios to run (all when none): limiter, gateway, payments.
     pub scenarios: Vec<String>,
     /// A quick check to iterate with: 1 s warm-up, 3 s runs, 1 round (BENCHMARKS.md is
     /// not written unless --write).
@@ -102,6 +109,10 @@ pub struct BenchArgs {
     /// A note on the machine's condition for BENCHMARKS.md (e.g. other builds running).
     #[arg(long)]
     pub note: Option<String>,
+    /// payments: rewrite xtask/bench/create_payment.pgbench from this run's capture of
+    /// payment-svc's statements instead of failing when the committed script drifted.
+    #[arg(long)]
+    pub recapture: bool,
 }
 
 /// What a scenario gets: the protocol, where the release binaries are, where to log.
@@ -115,6 +126,8 @@ pub struct Context<'a> {
     pub release_dir: PathBuf,
     /// Logs of the processes under test: `.paysuite/bench/<scenario>/`.
     pub run_dir: PathBuf,
+    /// `--recapture` (the `payments` scenario's pgbench script).
+    pub recapture: bool,
 }
 
 impl Context<'_> {
@@ -170,6 +183,7 @@ pub fn run(args: &BenchArgs, interrupted: &Interrupted) -> anyhow::Result<()> {
             interrupted,
             release_dir: target_dir().join("release"),
             run_dir,
+            recapture: args.recapture,
         };
         let sampler = report::ConditionSampler::start(args.note.clone());
         let outcome = (scenario.run)(&context);

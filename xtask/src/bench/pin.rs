@@ -254,6 +254,33 @@ pub fn cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     Ok(ticks as f64 / TICKS_PER_SECOND)
 }
 
+/// The CPU time (user + system) `pid` and its children have used so far, in seconds:
+/// its own, its live children's, and what its exited children used (`cutime`/`cstime`,
+/// counted once it has reaped them). Differences of two readings count every child's
+/// time inside the interval, also of children born or gone in between (PostgreSQL's
+/// backends under the postmaster).
+pub fn cpu_seconds_of_tree(pid: u32) -> anyhow::Result<f64> {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let fields = stat_fields(pid)?;
+    let mut ticks = 0u64;
+    // utime, stime, cutime, cstime are fields 14 to 17.
+    for index in [11, 12, 13, 14] {
+        ticks += fields
+            .get(index)
+            .and_then(|field| field.parse::<u64>().ok())
+            .with_context(|| format!("/proc/{pid}/stat has no utime/stime/cutime/cstime"))?;
+    }
+    let mut seconds = ticks as f64 / TICKS_PER_SECOND;
+    for child in children(pid)? {
+        // A child may exit between the listing and the read: its time is then the
+        // parent's cutime on the next reading.
+        if let Ok(child_seconds) = cpu_seconds(&[child]) {
+            seconds += child_seconds;
+        }
+    }
+    Ok(seconds)
+}
+
 /// The share of one core `pids` used while `work` ran, and what `work` returned.
 pub fn measure_cpu<T>(
     pids: &[u32],
