@@ -18,6 +18,10 @@
 //!   undone and the key forgotten (UNAVAILABLE: a retry runs afresh); the refund FAILS;
 //! - no answer in time: the payment stays PROCESSING (the refund PENDING) — an unknown
 //!   outcome, settled later by looking the attempt up at the acquirer.
+//!
+//! A key resumed at `prepared` whose attempt was settled meanwhile (by the job that took
+//! the abandoned key over) answers the state as it stands and never sends the attempt
+//! again (`answer_if_settled`).
 
 use std::sync::Arc;
 
@@ -212,12 +216,57 @@ impl Payments {
                 }
                 Prepared::Finished(stored) => return Ok(stored),
             },
-            (PREPARED, Some(id)) => id,
+            (PREPARED, Some(id)) => {
+                if let Some(stored) = self.answer_if_settled(claim, &id, encode).await? {
+                    return Ok(stored);
+                }
+                id
+            }
             (point, _) => {
                 return Err(Error::Internal(format!("unknown recovery point {point:?}")));
             }
         };
         self.carry_out(claim, request, &id, encode).await
+    }
+
+    /// On resuming a key at `prepared`: when something else already settled its attempt
+    /// (the job that took over an abandoned key recorded the acquirer's answer — for a
+    /// refund the acquirer could not perform, FAILED with its hold returned; a capture
+    /// attempt replaced by a new one), the key is finished with the state as it stands
+    /// and the attempt is never sent again. Resending it could make the acquirer perform
+    /// an operation the books have closed: a refund paid out to the card that no
+    /// ledger entry records (found by the bank soak, seed 3619290255415874214).
+    async fn answer_if_settled(
+        &self,
+        claim: &Claim<'_>,
+        attempt_id: &str,
+        encode: &EncodeFollowUp,
+    ) -> Result<Option<Stored>, Error> {
+        let mut transaction = self.pool.begin().await?;
+        let attempt = load_attempt(&mut transaction, attempt_id).await?;
+        // The payment's lock orders this check after any settlement in flight (each
+        // settles under it).
+        let payment = get_for_update(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
+        let status: String = sqlx::query_scalar("SELECT status FROM attempts WHERE id = $1")
+            .bind(attempt_id)
+            .fetch_one(&mut *transaction)
+            .await?;
+        if matches!(status.as_str(), "pending" | "unknown") {
+            return Ok(None);
+        }
+        let refund = match attempt.refund_id.as_deref() {
+            Some(refund_id) => Some(get_refund(&mut transaction, refund_id).await?),
+            None => None,
+        };
+        tracing::info!(
+            attempt_id,
+            status,
+            "resumed key's attempt already settled: answering the current state, not resending"
+        );
+        let stored = Stored::Response(encode(&payment, refund.as_ref()));
+        idempotency::finish(&mut transaction, claim, &stored).await?;
+        transaction.commit().await?;
+        Ok(Some(stored))
     }
 
     /// `started` → `prepared` (or a stored refusal).
@@ -718,6 +767,15 @@ pub(super) async fn settle_refund(
     .fetch_optional(&mut *connection)
     .await?;
     let Some(amount) = amount else {
+        if matches!(verdict, Verdict::Approved) {
+            // The refund was closed before this approval arrived: the acquirer paid out
+            // what the books say it did not. Never silent — reconcile reports it too.
+            tracing::error!(
+                refund_id,
+                payment_id = %payment.id,
+                "an approval arrived for a refund that is no longer pending"
+            );
+        }
         return Ok(());
     };
     let currency = payment.amount.currency();

@@ -264,3 +264,94 @@ async fn spawned_sigterm_during_processing_loses_nothing() -> anyhow::Result<()>
     assert_eq!(alice.balance(&merchant).await?.0, 1_000 * PAYMENTS as i64);
     Ok(())
 }
+
+/// The bank soak's over-refund (seed 3619290255415874214), deterministically: a refund
+/// abandoned mid-call is taken over by a job, which finds the acquirer unable to refund
+/// and FAILS it (its hold back with the merchant); the client's later retry of the same
+/// key must answer that state, never send the attempt again — the acquirer, working
+/// again, would pay out a refund that no ledger entry records.
+#[tokio::test]
+async fn spawned_refund_failed_by_a_job_is_not_sent_again_by_a_resumed_key() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    // The survivor creates the payment and runs the completer and the jobs.
+    let (_survivor, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let payment = alice
+        .pay(payment_request(
+            "paid",
+            &merchant,
+            100,
+            cards::CARD_APPROVED,
+        ))
+        .await?
+        .into_inner()
+        .payment
+        .unwrap_or_default();
+    assert_eq!(payment.status, pb::PaymentStatus::Succeeded as i32);
+
+    // Every acquirer call now does nothing and answers UNAVAILABLE.
+    tests::acquirer::set_faults(
+        &sandbox.endpoint(),
+        acq::FailureMode::Unavailable,
+        1_000_000,
+    )
+    .await?;
+    // The doomed replica holds 30 from the merchant, writes the attempt, calls the
+    // acquirer in vain and dies before recording anything: the key stays `prepared`.
+    let (mut doomed, doomed_alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[("PAYSUITE_FAILPOINT", "before_finalize")],
+    )
+    .await?;
+    assert!(
+        doomed_alice
+            .refund("refund-key", &payment.id, tests::payments::brl(30))
+            .await
+            .is_err()
+    );
+    assert!(!doomed.wait(tests::LIVENESS).await?.success());
+
+    // The completer hands the abandoned key to a job, which fails the refund.
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    tokio::time::timeout(tests::LIVENESS, async {
+        loop {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM refunds WHERE payment_id = $1")
+                    .bind(&payment.id)
+                    .fetch_one(&mut owner)
+                    .await?;
+            if status == "failed" {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+
+    // The acquirer works again; the client retries its unknown outcome with the key.
+    tests::acquirer::set_faults(&sandbox.endpoint(), acq::FailureMode::None, 0).await?;
+    let answer = alice
+        .refund("refund-key", &payment.id, tests::payments::brl(30))
+        .await?
+        .into_inner();
+    assert_eq!(
+        answer.refund.map(|refund| refund.status),
+        Some(pb::RefundStatus::Failed as i32),
+        "the retry answers the refund as the job left it"
+    );
+    let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;
+    assert_eq!(
+        approved(&operations, acq::OperationKind::Refund),
+        0,
+        "the failed refund was sent again and paid out: {operations:?}"
+    );
+    let payment = alice.payment(&payment.id).await?;
+    assert_eq!(payment.amount_refunded.map(|m| m.amount_minor), Some(0));
+    assert_eq!(alice.balance(&merchant).await?.0, 100);
+    Ok(())
+}
