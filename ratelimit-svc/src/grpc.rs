@@ -5,7 +5,7 @@ use std::time::Duration;
 use proto::ratelimit::v1 as pb;
 use proto::ratelimit::v1::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use service_kit::ServiceSet;
-use service_kit::validation::Violations;
+use service_kit::validation::{Violations, non_negative_duration};
 use tonic::{Request, Response, Status};
 
 use crate::guard::{FailureMode, Limiter, Outcome, Source};
@@ -80,8 +80,8 @@ impl RateLimitApi {
                 ),
             );
         }
-        let window = match limit.window.map(Duration::try_from) {
-            Some(Ok(window)) if !window.is_zero() && window <= MAX_WINDOW => Some(window),
+        let window = match limit.window.and_then(non_negative_duration) {
+            Some(window) if !window.is_zero() && window <= MAX_WINDOW => Some(window),
             _ => {
                 violations.add("limit.window", "must be between 1µs and 31 days");
                 None

@@ -66,6 +66,18 @@ impl Violations {
     }
 }
 
+/// A protobuf `Duration` as a non-negative [`std::time::Duration`], or `None` when it is
+/// negative or not normalized (nanos outside `0..1_000_000_000`). prost-types' own
+/// conversion normalizes first and overflows on extreme values (`seconds: i64::MIN`
+/// panics in debug builds), so a caller's duration is checked here instead.
+pub fn non_negative_duration(value: prost_types::Duration) -> Option<std::time::Duration> {
+    let seconds = u64::try_from(value.seconds).ok()?;
+    let nanos = u32::try_from(value.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)?;
+    Some(std::time::Duration::new(seconds, nanos))
+}
+
 /// The field paths of a status's `BadRequest` violations (for tests and clients).
 pub fn violated_fields(status: &Status) -> Vec<String> {
     status
@@ -96,5 +108,27 @@ mod tests {
                 .contains("amount.currency: unknown currency code")
         }));
         assert!(Violations::new().into_result().is_ok());
+    }
+
+    #[test]
+    fn durations_are_taken_only_non_negative_and_normalized() {
+        let duration =
+            |seconds, nanos| non_negative_duration(prost_types::Duration { seconds, nanos });
+        assert_eq!(duration(1, 500), Some(std::time::Duration::new(1, 500)));
+        assert_eq!(duration(0, 0), Some(std::time::Duration::ZERO));
+        assert_eq!(
+            duration(i64::MAX, 999_999_999),
+            Some(std::time::Duration::new(u64::MAX >> 1, 999_999_999))
+        );
+        for (seconds, nanos) in [
+            (i64::MIN, 0),
+            (i64::MIN, i32::MIN),
+            (-1, 0),
+            (0, -1),
+            (0, 1_000_000_000),
+            (1, i32::MAX),
+        ] {
+            assert_eq!(duration(seconds, nanos), None, "{seconds}s {nanos}ns");
+        }
     }
 }

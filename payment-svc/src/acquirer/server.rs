@@ -17,7 +17,7 @@ use proto::acquirer::v1::sandbox_control_service_server::{
     SandboxControlService, SandboxControlServiceServer,
 };
 use serde::{Deserialize, Serialize};
-use service_kit::validation::Violations;
+use service_kit::validation::{Violations, non_negative_duration};
 use service_kit::{ConfigError, Env, ServerLimits, ServiceSet};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -379,8 +379,8 @@ impl SandboxControlService for SandboxApi {
         }
         let added_latency = match request.added_latency {
             None => Duration::ZERO,
-            Some(latency) => match Duration::try_from(latency) {
-                Ok(latency) if latency <= Duration::from_secs(600) => latency,
+            Some(latency) => match non_negative_duration(latency) {
+                Some(latency) if latency <= Duration::from_secs(600) => latency,
                 _ => {
                     violations.add("added_latency", "must be between 0 and 600s");
                     Duration::ZERO
