@@ -21,7 +21,9 @@
 //!
 //! A key resumed at `prepared` whose attempt was settled meanwhile (by the job that took
 //! the abandoned key over) answers the state as it stands and never sends the attempt
-//! again (`answer_if_settled`).
+//! again (`answer_if_settled`). An open attempt is resent under its id, and then "nothing
+//! done" (unavailable, processing error) is an unknown outcome: the process that sent it
+//! first may have had it performed, and an acquirer may answer a repeat with UNAVAILABLE.
 
 use std::sync::Arc;
 
@@ -208,11 +210,11 @@ impl Payments {
         recovery_point: &str,
         attempt_id: &mut Option<String>,
     ) -> Result<Stored, Error> {
-        let id = match (recovery_point, attempt_id.clone()) {
+        let (id, sending) = match (recovery_point, attempt_id.clone()) {
             ("started", _) => match self.prepare(claim, request, encode).await? {
                 Prepared::Attempt(id) => {
                     *attempt_id = Some(id.clone());
-                    id
+                    (id, Sending::First)
                 }
                 Prepared::Finished(stored) => return Ok(stored),
             },
@@ -220,13 +222,13 @@ impl Payments {
                 if let Some(stored) = self.answer_if_settled(claim, &id, encode).await? {
                     return Ok(stored);
                 }
-                id
+                (id, Sending::Again)
             }
             (point, _) => {
                 return Err(Error::Internal(format!("unknown recovery point {point:?}")));
             }
         };
-        self.carry_out(claim, request, &id, encode).await
+        self.carry_out(claim, request, &id, sending, encode).await
     }
 
     /// On resuming a key at `prepared`: when something else already settled its attempt
@@ -309,6 +311,7 @@ impl Payments {
         claim: &Claim<'_>,
         request: &FollowUp,
         attempt_id: &str,
+        sending: Sending,
         encode: &EncodeFollowUp,
     ) -> Result<Stored, Error> {
         let attempt = {
@@ -336,6 +339,26 @@ impl Payments {
         let result = tokio::time::timeout(self.acquirer_timeout, call)
             .await
             .unwrap_or(Err(AcquirerError::Timeout));
+        // "Nothing done" speaks for this call only. An attempt sent before (by a process
+        // that died before recording the answer) may have been performed by then — an
+        // acquirer may answer a repeat with UNAVAILABLE — so a resend's "nothing done"
+        // is an unknown outcome, settled by a job that looks the attempt up.
+        let result = match (sending, result) {
+            (Sending::Again, Err(AcquirerError::Unavailable(reason))) => {
+                tracing::warn!(attempt_id, %reason, "a resent attempt found the acquirer unavailable: recorded as an unknown outcome");
+                Err(AcquirerError::Timeout)
+            }
+            (Sending::Again, Ok(operation))
+                if matches!(operation.status, OperationStatus::Failed { .. }) =>
+            {
+                tracing::warn!(
+                    attempt_id,
+                    "a resent attempt failed at the acquirer: recorded as an unknown outcome"
+                );
+                Err(AcquirerError::Timeout)
+            }
+            (_, result) => result,
+        };
         crate::failpoint::hit("before_finalize");
 
         let mut transaction = self.pool.begin().await?;
@@ -434,6 +457,14 @@ impl Payments {
         transaction.commit().await?;
         Ok(stored)
     }
+}
+
+/// Whether an attempt goes to the acquirer for the first time, or again after a process
+/// that sent it died before recording the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    First,
+    Again,
 }
 
 enum Prepared {

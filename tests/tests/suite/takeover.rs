@@ -355,3 +355,105 @@ async fn spawned_refund_failed_by_a_job_is_not_sent_again_by_a_resumed_key() -> 
     assert_eq!(alice.balance(&merchant).await?.0, 100);
     Ok(())
 }
+
+/// A refund the acquirer performed before its process died is resent by the client's
+/// retry and the acquirer answers the repeat with UNAVAILABLE: that speaks for the call,
+/// not for the refund, so the refund stays pending until a job looks it up — it must not
+/// FAIL (returning the merchant's hold) while the card was refunded.
+#[tokio::test]
+async fn spawned_a_resent_refund_answered_unavailable_is_looked_up_not_failed() -> anyhow::Result<()>
+{
+    let database = TestDatabase::create().await?;
+    let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    // No completer during the test: only the client's retry touches the key.
+    let (_survivor, alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[("JOB_MAINTENANCE_INTERVAL", "1h")],
+    )
+    .await?;
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let payment = alice
+        .pay(payment_request(
+            "paid",
+            &merchant,
+            100,
+            cards::CARD_APPROVED,
+        ))
+        .await?
+        .into_inner()
+        .payment
+        .unwrap_or_default();
+    assert_eq!(payment.status, pb::PaymentStatus::Succeeded as i32);
+
+    // The doomed replica's refund is approved by the acquirer; it dies before recording.
+    let (mut doomed, doomed_alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[
+            ("PAYSUITE_FAILPOINT", "before_finalize"),
+            ("JOB_MAINTENANCE_INTERVAL", "1h"),
+        ],
+    )
+    .await?;
+    assert!(
+        doomed_alice
+            .refund("refund-key", &payment.id, tests::payments::brl(30))
+            .await
+            .is_err()
+    );
+    assert!(!doomed.wait(tests::LIVENESS).await?.success());
+    let operations_before = operations(&sandbox.endpoint(), &payment.id, 100).await?;
+    assert_eq!(approved(&operations_before, acq::OperationKind::Refund), 1);
+
+    // The acquirer now answers every call UNAVAILABLE; after the key's lease (500 ms) the
+    // client retries, which resends the attempt.
+    tests::acquirer::set_faults(
+        &sandbox.endpoint(),
+        acq::FailureMode::Unavailable,
+        1_000_000,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retried = alice
+        .refund("refund-key", &payment.id, tests::payments::brl(30))
+        .await?
+        .into_inner();
+    assert_eq!(
+        retried.refund.map(|refund| refund.status),
+        Some(pb::RefundStatus::Pending as i32),
+        "an unavailable acquirer on a resend is an unknown outcome"
+    );
+
+    // The acquirer recovers; the job looks the refund up and settles what it finds.
+    tests::acquirer::set_faults(&sandbox.endpoint(), acq::FailureMode::None, 0).await?;
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let status = tokio::time::timeout(tests::LIVENESS, async {
+        loop {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM refunds WHERE payment_id = $1")
+                    .bind(&payment.id)
+                    .fetch_one(&mut owner)
+                    .await?;
+            if status != "pending" {
+                return anyhow::Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    assert_eq!(status, "succeeded");
+    let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;
+    assert_eq!(
+        approved(&operations, acq::OperationKind::Refund),
+        1,
+        "{operations:?}"
+    );
+    let payment = alice.payment(&payment.id).await?;
+    assert_eq!(payment.amount_refunded.map(|m| m.amount_minor), Some(30));
+    assert_eq!(alice.balance(&merchant).await?.0, 70);
+    Ok(())
+}
