@@ -12,12 +12,6 @@ use service_kit::{Env, shutdown, telemetry};
 
 const USAGE: &str = "usage: gateway-svc [generate-key --principal P --scopes a,b --tier T]";
 
-/// mimalloc instead of glibc malloc: a proxied call or an answered RPC allocates and
-/// frees dozens of small blocks across tokio's worker threads, where glibc's arenas
-/// spent a quarter of the gateway's CPU (see ARCHITECTURE.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -6,12 +6,6 @@ use anyhow::Context as _;
 use ratelimit_svc::Config;
 use service_kit::{Env, shutdown, telemetry};
 
-/// mimalloc instead of glibc malloc: a proxied call or an answered RPC allocates and
-/// frees dozens of small blocks across tokio's worker threads, where glibc's arenas
-/// spent a quarter of the gateway's CPU (see ARCHITECTURE.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     match main_inner().await {

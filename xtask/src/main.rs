@@ -123,12 +123,6 @@ enum Command {
     },
 }
 
-/// The same allocator as the service binaries (mimalloc): the bench's no-op service and
-/// load generator run in this binary, and a baseline must not pay a cost its subject
-/// does not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The bench's helper processes own nothing to tear down: they keep the default
