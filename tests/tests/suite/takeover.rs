@@ -265,6 +265,49 @@ async fn spawned_sigterm_during_processing_loses_nothing() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A SYNC payment of `amount` to a new merchant account, captured.
+async fn captured_payment(alice: &Tenant, amount: i64) -> anyhow::Result<(String, pb::Payment)> {
+    let merchant = alice
+        .open_account(pb::AccountKind::Merchant, "BRL", false)
+        .await?
+        .id;
+    let payment = alice
+        .pay(payment_request(
+            "paid",
+            &merchant,
+            amount,
+            cards::CARD_APPROVED,
+        ))
+        .await?
+        .into_inner()
+        .payment
+        .unwrap_or_default();
+    assert_eq!(payment.status, pb::PaymentStatus::Succeeded as i32);
+    Ok((merchant, payment))
+}
+
+/// The status of the payment's one refund once it is no longer pending.
+async fn until_refund_left_pending(
+    database: &TestDatabase,
+    payment_id: &str,
+) -> anyhow::Result<String> {
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    tokio::time::timeout(tests::LIVENESS, async {
+        loop {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM refunds WHERE payment_id = $1")
+                    .bind(payment_id)
+                    .fetch_one(&mut owner)
+                    .await?;
+            if status != "pending" {
+                return anyhow::Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?
+}
+
 /// The bank soak's over-refund (seed 3619290255415874214), deterministically: a refund
 /// abandoned mid-call is taken over by a job, which finds the acquirer unable to refund
 /// and FAILS it (its hold back with the merchant); the client's later retry of the same
@@ -276,22 +319,7 @@ async fn spawned_refund_failed_by_a_job_is_not_sent_again_by_a_resumed_key() -> 
     let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
     // The survivor creates the payment and runs the completer and the jobs.
     let (_survivor, alice) = replica(&database, &sandbox.endpoint(), &[]).await?;
-    let merchant = alice
-        .open_account(pb::AccountKind::Merchant, "BRL", false)
-        .await?
-        .id;
-    let payment = alice
-        .pay(payment_request(
-            "paid",
-            &merchant,
-            100,
-            cards::CARD_APPROVED,
-        ))
-        .await?
-        .into_inner()
-        .payment
-        .unwrap_or_default();
-    assert_eq!(payment.status, pb::PaymentStatus::Succeeded as i32);
+    let (merchant, payment) = captured_payment(&alice, 100).await?;
 
     // Every acquirer call now does nothing and answers UNAVAILABLE.
     tests::acquirer::set_faults(
@@ -317,21 +345,8 @@ async fn spawned_refund_failed_by_a_job_is_not_sent_again_by_a_resumed_key() -> 
     assert!(!doomed.wait(tests::LIVENESS).await?.success());
 
     // The completer hands the abandoned key to a job, which fails the refund.
-    let mut owner = PgConnection::connect(&database.owner_url()).await?;
-    tokio::time::timeout(tests::LIVENESS, async {
-        loop {
-            let status: String =
-                sqlx::query_scalar("SELECT status FROM refunds WHERE payment_id = $1")
-                    .bind(&payment.id)
-                    .fetch_one(&mut owner)
-                    .await?;
-            if status == "failed" {
-                return anyhow::Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await??;
+    let status = until_refund_left_pending(&database, &payment.id).await?;
+    assert_eq!(status, "failed");
 
     // The acquirer works again; the client retries its unknown outcome with the key.
     tests::acquirer::set_faults(&sandbox.endpoint(), acq::FailureMode::None, 0).await?;
@@ -372,22 +387,7 @@ async fn spawned_a_resent_refund_answered_unavailable_is_looked_up_not_failed() 
         &[("JOB_MAINTENANCE_INTERVAL", "1h")],
     )
     .await?;
-    let merchant = alice
-        .open_account(pb::AccountKind::Merchant, "BRL", false)
-        .await?
-        .id;
-    let payment = alice
-        .pay(payment_request(
-            "paid",
-            &merchant,
-            100,
-            cards::CARD_APPROVED,
-        ))
-        .await?
-        .into_inner()
-        .payment
-        .unwrap_or_default();
-    assert_eq!(payment.status, pb::PaymentStatus::Succeeded as i32);
+    let (merchant, payment) = captured_payment(&alice, 100).await?;
 
     // The doomed replica's refund is approved by the acquirer; it dies before recording.
     let (mut doomed, doomed_alice) = replica(
@@ -430,21 +430,7 @@ async fn spawned_a_resent_refund_answered_unavailable_is_looked_up_not_failed() 
 
     // The acquirer recovers; the job looks the refund up and settles what it finds.
     tests::acquirer::set_faults(&sandbox.endpoint(), acq::FailureMode::None, 0).await?;
-    let mut owner = PgConnection::connect(&database.owner_url()).await?;
-    let status = tokio::time::timeout(tests::LIVENESS, async {
-        loop {
-            let status: String =
-                sqlx::query_scalar("SELECT status FROM refunds WHERE payment_id = $1")
-                    .bind(&payment.id)
-                    .fetch_one(&mut owner)
-                    .await?;
-            if status != "pending" {
-                return anyhow::Ok(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await??;
+    let status = until_refund_left_pending(&database, &payment.id).await?;
     assert_eq!(status, "succeeded");
     let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;
     assert_eq!(
