@@ -459,7 +459,9 @@ impl Payments {
 
     /// The completer: gives every request abandoned mid-phase (its idempotency lease ran
     /// out more than `grace` ago and nobody resumed it) a job that finishes its payment. A
-    /// client that retries later gets the payment as the job left it.
+    /// client that retries later gets the payment as the job left it. A key whose work is
+    /// done (its attempt settled, its payment past processing) is left for that retry:
+    /// handing it out again would enqueue a job with nothing to do on every pass.
     pub async fn complete_abandoned(&self, grace: Duration) -> Result<u64, Error> {
         let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
         let abandoned: Vec<(String, String, String)> = sqlx::query_as(
@@ -467,7 +469,10 @@ impl Payments {
                CASE WHEN a.kind = 'refund' THEN 'resolve_refund' WHEN a.id IS NOT NULL THEN 'resolve_unknown' \
                     ELSE 'process_payment' END \
              FROM idempotency_keys k LEFT JOIN attempts a ON a.id = k.resource_id \
+               JOIN payments p ON p.id = coalesce(a.payment_id, k.resource_id) \
              WHERE k.recovery_point NOT IN ('started', 'finished') AND k.resource_id IS NOT NULL \
+               AND CASE WHEN a.id IS NOT NULL THEN a.status IN ('pending', 'unknown') \
+                        ELSE p.status IN ('pending', 'processing') END \
                AND k.locked_until < now() - make_interval(secs => $1::double precision / 1000) \
                AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.payment_id = coalesce(a.payment_id, k.resource_id) \
                  AND j.state IN ('available', 'scheduled', 'executing', 'retryable') AND j.schedule_at <= now())",
@@ -684,7 +689,11 @@ impl Payments {
     ) -> Result<PhaseResult, Error> {
         let attempt_id = attempt_id.to_owned();
         let mut transaction = self.pool.begin().await?;
-        record_attempt(&mut transaction, &attempt_id, result).await?;
+        if record_attempt(&mut transaction, &attempt_id, result).await? == Recorded::Settled {
+            // A job that took this request over settled the authorization: the key
+            // answers the payment as it stands.
+            return self.finish(transaction, claim, payment_id, encode).await;
+        }
         let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
         match result {
             Ok(op) if op.status == OperationStatus::Approved => {
@@ -792,7 +801,9 @@ impl Payments {
 
         async {
             let mut transaction = self.pool.begin().await?;
-            record_attempt(&mut transaction, &attempt_id, &result).await?;
+            if record_attempt(&mut transaction, &attempt_id, &result).await? == Recorded::Settled {
+                return self.finish(transaction, claim, payment_id, encode).await;
+            }
             let payment = get(&mut transaction, claim.owner_id, payment_id).await?;
             if matches!(&result, Ok(op) if op.status == OperationStatus::Approved) {
                 followup::capture_settled(&mut transaction, &payment, amount, "").await?;
@@ -928,11 +939,28 @@ async fn pending_attempt(
     ))
 }
 
+/// What became of an acquirer's answer for an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Recorded {
+    /// Stored: the attempt was open (pending, unknown) or already held this answer. The
+    /// caller acts on it.
+    Stored,
+    /// Not stored: the attempt already holds a different final answer, recorded and
+    /// acted on by someone else (a job that took the attempt over, or the request it was
+    /// taken from). That answer stands; the caller acts on nothing.
+    Settled,
+}
+
+/// Records the acquirer's answer for `attempt_id`. A final answer (approved, declined,
+/// failed) is never overwritten by a different one: two holders of one attempt — a
+/// resumed request and the job that took it over — can both be calling the acquirer,
+/// and the later answer ("unavailable" on a resend, say) must not relabel an approval
+/// whose money the first already booked (bank soak, seed 17303545554639702866).
 async fn record_attempt(
     connection: &mut PgConnection,
     attempt_id: &str,
     result: &Result<Operation, AcquirerError>,
-) -> Result<(), Error> {
+) -> Result<Recorded, Error> {
     let (status, code) = match result {
         Ok(op) => match &op.status {
             OperationStatus::Approved => ("approved", String::new()),
@@ -943,15 +971,40 @@ async fn record_attempt(
         Err(AcquirerError::Unavailable(_)) => ("failed", "unavailable".to_owned()),
         Err(AcquirerError::Rejected(reason)) => ("failed", format!("rejected: {reason}")),
     };
-    sqlx::query(
-        "UPDATE attempts SET status = $2, result_code = $3, updated_at = now() WHERE id = $1",
+    let stored = sqlx::query(
+        "UPDATE attempts SET status = $2, result_code = $3, updated_at = now() \
+         WHERE id = $1 AND (status IN ('pending', 'unknown') OR status = $2)",
     )
     .bind(attempt_id)
     .bind(status)
     .bind(code)
-    .execute(connection)
-    .await?;
-    Ok(())
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if stored == 1 {
+        return Ok(Recorded::Stored);
+    }
+    let settled: String = sqlx::query_scalar("SELECT status FROM attempts WHERE id = $1")
+        .bind(attempt_id)
+        .fetch_one(&mut *connection)
+        .await?;
+    if status == "approved" {
+        // The acquirer performed an operation the books settled otherwise: never
+        // silent (reconcile reports it too).
+        tracing::error!(
+            attempt_id,
+            settled = %settled,
+            "the acquirer approved an attempt already settled otherwise"
+        );
+    } else {
+        tracing::info!(
+            attempt_id,
+            settled = %settled,
+            answer = status,
+            "attempt already settled: this later answer is not recorded"
+        );
+    }
+    Ok(Recorded::Settled)
 }
 
 async fn set_status(

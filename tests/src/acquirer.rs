@@ -32,9 +32,23 @@ pub async fn set_faults(
     mode: pb::FailureMode,
     failure_rate_ppm: u32,
 ) -> anyhow::Result<()> {
+    set_switches(endpoint, Duration::ZERO, mode, failure_rate_ppm).await
+}
+
+/// Sets every switch of the sandbox: `latency` added to every call (taken when the call
+/// arrives), then `mode` for `failure_rate_ppm` of the calls.
+pub async fn set_switches(
+    endpoint: &str,
+    latency: Duration,
+    mode: pb::FailureMode,
+    failure_rate_ppm: u32,
+) -> anyhow::Result<()> {
     SandboxControlServiceClient::new(channel(endpoint).await?)
         .set_faults(pb::SetFaultsRequest {
-            added_latency: None,
+            added_latency: Some(prost_types::Duration {
+                seconds: i64::try_from(latency.as_secs())?,
+                nanos: i32::try_from(latency.subsec_nanos())?,
+            }),
             failure_mode: mode as i32,
             failure_rate_ppm,
         })
@@ -100,15 +114,5 @@ pub fn approved(operations: &[pb::Operation], kind: pb::OperationKind) -> usize 
 
 /// Adds `latency` to every call of the sandbox (no failures).
 pub async fn set_latency(endpoint: &str, latency: Duration) -> anyhow::Result<()> {
-    SandboxControlServiceClient::new(channel(endpoint).await?)
-        .set_faults(pb::SetFaultsRequest {
-            added_latency: Some(prost_types::Duration {
-                seconds: i64::try_from(latency.as_secs())?,
-                nanos: i32::try_from(latency.subsec_nanos())?,
-            }),
-            failure_mode: pb::FailureMode::None as i32,
-            failure_rate_ppm: 0,
-        })
-        .await?;
-    Ok(())
+    set_switches(endpoint, latency, pb::FailureMode::None, 0).await
 }

@@ -23,7 +23,12 @@
 //! the abandoned key over) answers the state as it stands and never sends the attempt
 //! again (`answer_if_settled`). An open attempt is resent under its id, and then "nothing
 //! done" (unavailable, processing error) is an unknown outcome: the process that sent it
-//! first may have had it performed, and an acquirer may answer a repeat with UNAVAILABLE.
+//! first may have had it performed, and an acquirer may answer a repeat with UNAVAILABLE
+//! ([`resent`]; a job resending a refund after a lookup found nothing treats UNAVAILABLE
+//! so). An
+//! answer that arrives after the attempt was settled otherwise (a resumed key and the
+//! job that took it over both calling) is not recorded: a final answer is never
+//! overwritten, and the key answers the state as it stands.
 
 use std::sync::Arc;
 
@@ -32,8 +37,8 @@ use sqlx::{Acquire as _, PgConnection, Row};
 
 use super::events::{self, EventType};
 use super::{
-    Payment, PaymentStatus, Payments, fresh, get, get_for_update, insert_attempt, record_attempt,
-    set_status,
+    Payment, PaymentStatus, Payments, Recorded, fresh, get, get_for_update, insert_attempt,
+    record_attempt, set_status,
 };
 use crate::acquirer::{AcquirerError, Operation, OperationKind, OperationStatus};
 use crate::audit::{self, AuditEvent};
@@ -248,7 +253,7 @@ impl Payments {
         let attempt = load_attempt(&mut transaction, attempt_id).await?;
         // The payment's lock orders this check after any settlement in flight (each
         // settles under it).
-        let payment = get_for_update(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
+        get_for_update(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
         let status: String = sqlx::query_scalar("SELECT status FROM attempts WHERE id = $1")
             .bind(attempt_id)
             .fetch_one(&mut *transaction)
@@ -256,19 +261,34 @@ impl Payments {
         if matches!(status.as_str(), "pending" | "unknown") {
             return Ok(None);
         }
-        let refund = match attempt.refund_id.as_deref() {
-            Some(refund_id) => Some(get_refund(&mut transaction, refund_id).await?),
-            None => None,
-        };
         tracing::info!(
             attempt_id,
             status,
             "resumed key's attempt already settled: answering the current state, not resending"
         );
+        self.finish_as_it_stands(transaction, claim, &attempt, encode)
+            .await
+            .map(Some)
+    }
+
+    /// Finishes the key with the payment (and the attempt's refund) as they stand, and
+    /// commits.
+    async fn finish_as_it_stands(
+        &self,
+        mut transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+        claim: &Claim<'_>,
+        attempt: &Attempt,
+        encode: &EncodeFollowUp,
+    ) -> Result<Stored, Error> {
+        let payment = get(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
+        let refund = match attempt.refund_id.as_deref() {
+            Some(refund_id) => Some(get_refund(&mut transaction, refund_id).await?),
+            None => None,
+        };
         let stored = Stored::Response(encode(&payment, refund.as_ref()));
         idempotency::finish(&mut transaction, claim, &stored).await?;
         transaction.commit().await?;
-        Ok(Some(stored))
+        Ok(stored)
     }
 
     /// `started` → `prepared` (or a stored refusal).
@@ -339,15 +359,11 @@ impl Payments {
         let result = tokio::time::timeout(self.acquirer_timeout, call)
             .await
             .unwrap_or(Err(AcquirerError::Timeout));
-        // "Nothing done" speaks for this call only. An attempt sent before (by a process
-        // that died before recording the answer) may have been performed by then — an
-        // acquirer may answer a repeat with UNAVAILABLE — so a resend's "nothing done"
-        // is an unknown outcome, settled by a job that looks the attempt up.
         let result = match (sending, result) {
-            (Sending::Again, Err(AcquirerError::Unavailable(reason))) => {
-                tracing::warn!(attempt_id, %reason, "a resent attempt found the acquirer unavailable: recorded as an unknown outcome");
-                Err(AcquirerError::Timeout)
-            }
+            (Sending::First, result) => result,
+            // A processing error on a resumed request's resend is unknown too (an
+            // acquirer may answer a repeat so); the job that settles it sends once more
+            // after its lookup, and takes that answer as it comes.
             (Sending::Again, Ok(operation))
                 if matches!(operation.status, OperationStatus::Failed { .. }) =>
             {
@@ -357,12 +373,17 @@ impl Payments {
                 );
                 Err(AcquirerError::Timeout)
             }
-            (_, result) => result,
+            (Sending::Again, result) => resent(attempt_id, result),
         };
         crate::failpoint::hit("before_finalize");
 
         let mut transaction = self.pool.begin().await?;
-        record_attempt(&mut transaction, &attempt.id, &result).await?;
+        if record_attempt(&mut transaction, &attempt.id, &result).await? == Recorded::Settled {
+            // The job that took this key over while the call was out settled the attempt.
+            return self
+                .finish_as_it_stands(transaction, claim, &attempt, encode)
+                .await;
+        }
         let payment = get_for_update(&mut transaction, claim.owner_id, &attempt.payment_id).await?;
         let verdict = verdict(&result);
         let request_id = request.request_id.as_str();
@@ -456,6 +477,30 @@ impl Payments {
         idempotency::finish(&mut transaction, claim, &stored).await?;
         transaction.commit().await?;
         Ok(stored)
+    }
+}
+
+/// The answer to an attempt sent again — by a resumed request, or a refund by a job after
+/// a lookup found nothing — as it may be recorded. UNAVAILABLE speaks for this call only: the
+/// earlier sending (by a process that died before recording its answer, or one still in
+/// flight at a slow acquirer) may have been performed, or may yet be, and an acquirer may
+/// answer a repeat with UNAVAILABLE. So it is an unknown outcome, which a job settles by
+/// looking the attempt up — never a failure that returns a refund's hold, or lets a new
+/// authorization (a second charge) replace the attempt.
+pub(super) fn resent(
+    attempt_id: &str,
+    result: Result<Operation, AcquirerError>,
+) -> Result<Operation, AcquirerError> {
+    match result {
+        Err(AcquirerError::Unavailable(reason)) => {
+            tracing::warn!(
+                attempt_id,
+                %reason,
+                "a resent attempt found the acquirer unavailable: recorded as an unknown outcome"
+            );
+            Err(AcquirerError::Timeout)
+        }
+        result => result,
     }
 }
 

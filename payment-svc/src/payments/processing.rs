@@ -26,7 +26,7 @@ use sqlx::{PgConnection, Row};
 
 use super::followup::{self, Verdict, verdict};
 use super::{
-    CaptureMethod, Payment, PaymentStatus, Payments, get_for_update, insert_attempt,
+    CaptureMethod, Payment, PaymentStatus, Payments, Recorded, get_for_update, insert_attempt,
     record_attempt, set_status,
 };
 use crate::acquirer::{AcquirerError, AuthorizeRequest, Operation, OperationKind};
@@ -89,9 +89,16 @@ impl Payments {
                     .unwrap_or(Err(AcquirerError::Timeout));
                     match found {
                         Ok(Some(operation)) => (attempt, Ok(operation)),
-                        // Never received: send it again, under the same id.
+                        // Never received: send it (again), under the same id.
                         Ok(None) => {
                             let result = self.send(job, &attempt).await?;
+                            // A refund attempt is always first sent by its request, so
+                            // here it is a resend, and that sending may still land.
+                            let result = if attempt.kind == OperationKind::Refund {
+                                followup::resent(&attempt.id, result)
+                            } else {
+                                result
+                            };
                             (attempt, result)
                         }
                         Err(err) => {
@@ -253,7 +260,10 @@ async fn apply(
     attempt: &OpenAttempt,
     result: &Result<Operation, AcquirerError>,
 ) -> Result<Option<JobOutcome>, Error> {
-    record_attempt(connection, &attempt.id, result).await?;
+    if record_attempt(connection, &attempt.id, result).await? == Recorded::Settled {
+        // Settled by the request this job took over, meanwhile: go on from there.
+        return Ok(None);
+    }
     let payment = get_for_update(connection, &job.owner_id, &job.payment_id).await?;
     let verdict = verdict(result);
     if attempt.kind == OperationKind::Refund {

@@ -308,13 +308,53 @@ async fn until_refund_left_pending(
     .await?
 }
 
+/// How many calls of `kind` the sandbox received for `operation_id`.
+async fn calls(endpoint: &str, operation_id: &str, kind: &str) -> anyhow::Result<u64> {
+    let counters = tests::acquirer::counters(endpoint).await?;
+    Ok(counters
+        .get(operation_id)
+        .and_then(|by_kind| by_kind.get(kind))
+        .copied()
+        .unwrap_or(0))
+}
+
+/// Waits until the sandbox received at least `at_least` calls of `kind` for `operation_id`.
+async fn until_calls(
+    endpoint: &str,
+    operation_id: &str,
+    kind: &str,
+    at_least: u64,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(tests::LIVENESS, async {
+        while calls(endpoint, operation_id, kind).await? < at_least {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await?
+}
+
+/// The id of the payment's one refund attempt.
+async fn refund_attempt(database: &TestDatabase, payment_id: &str) -> anyhow::Result<String> {
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    Ok(
+        sqlx::query_scalar("SELECT id FROM attempts WHERE payment_id = $1 AND kind = 'refund'")
+            .bind(payment_id)
+            .fetch_one(&mut owner)
+            .await?,
+    )
+}
+
 /// The bank soak's over-refund (seed 3619290255415874214), deterministically: a refund
-/// abandoned mid-call is taken over by a job, which finds the acquirer unable to refund
-/// and FAILS it (its hold back with the merchant); the client's later retry of the same
-/// key must answer that state, never send the attempt again — the acquirer, working
-/// again, would pay out a refund that no ledger entry records.
+/// abandoned mid-call is taken over by a job while the acquirer answers every call
+/// UNAVAILABLE. The job's lookup finds nothing and its resend is answered UNAVAILABLE —
+/// which says nothing of the first sending, so the refund stays PENDING (before, the job
+/// FAILED it and returned the hold, and the client's retry later resent it and had it
+/// paid out). Once the acquirer works the job performs it; the client's retry answers
+/// that without sending it again, and no job is enqueued for the finished work.
 #[tokio::test]
-async fn spawned_refund_failed_by_a_job_is_not_sent_again_by_a_resumed_key() -> anyhow::Result<()> {
+async fn spawned_refund_taken_over_while_the_acquirer_is_down_is_performed_once_it_is_back()
+-> anyhow::Result<()> {
     let database = TestDatabase::create().await?;
     let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
     // The survivor creates the payment and runs the completer and the jobs.
@@ -343,31 +383,168 @@ async fn spawned_refund_failed_by_a_job_is_not_sent_again_by_a_resumed_key() -> 
             .is_err()
     );
     assert!(!doomed.wait(tests::LIVENESS).await?.success());
+    let attempt_id = refund_attempt(&database, &payment.id).await?;
 
-    // The completer hands the abandoned key to a job, which fails the refund.
-    let status = until_refund_left_pending(&database, &payment.id).await?;
-    assert_eq!(status, "failed");
+    // The completer hands the abandoned key to a job, which resends the attempt: the
+    // doomed replica's call and two of the job's, all answered UNAVAILABLE.
+    until_calls(&sandbox.endpoint(), &attempt_id, "refund", 3).await?;
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let status: String = sqlx::query_scalar("SELECT status FROM refunds WHERE payment_id = $1")
+        .bind(&payment.id)
+        .fetch_one(&mut owner)
+        .await?;
+    assert_eq!(
+        status, "pending",
+        "a resend's UNAVAILABLE failed the refund"
+    );
 
-    // The acquirer works again; the client retries its unknown outcome with the key.
+    // The acquirer works again: the job's next resend is performed.
     tests::acquirer::set_faults(&sandbox.endpoint(), acq::FailureMode::None, 0).await?;
+    assert_eq!(
+        until_refund_left_pending(&database, &payment.id).await?,
+        "succeeded"
+    );
+    let sent = calls(&sandbox.endpoint(), &attempt_id, "refund").await?;
+
+    // The key stays abandoned until the client retries; the completer has nothing more to
+    // hand out for it (five maintenance passes).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let jobs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE payment_id = $1 AND kind = 'resolve_refund'",
+    )
+    .bind(&payment.id)
+    .fetch_one(&mut owner)
+    .await?;
+    assert_eq!(jobs, 1, "the completer re-enqueued finished work");
+
+    // The client retries its unknown outcome with the key: the state as the job left it.
     let answer = alice
         .refund("refund-key", &payment.id, tests::payments::brl(30))
         .await?
         .into_inner();
     assert_eq!(
         answer.refund.map(|refund| refund.status),
-        Some(pb::RefundStatus::Failed as i32),
+        Some(pb::RefundStatus::Succeeded as i32),
         "the retry answers the refund as the job left it"
+    );
+    assert_eq!(
+        calls(&sandbox.endpoint(), &attempt_id, "refund").await?,
+        sent,
+        "the retry sent a settled attempt again"
     );
     let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;
     assert_eq!(
         approved(&operations, acq::OperationKind::Refund),
-        0,
-        "the failed refund was sent again and paid out: {operations:?}"
+        1,
+        "{operations:?}"
     );
     let payment = alice.payment(&payment.id).await?;
-    assert_eq!(payment.amount_refunded.map(|m| m.amount_minor), Some(0));
-    assert_eq!(alice.balance(&merchant).await?.0, 100);
+    assert_eq!(payment.amount_refunded.map(|m| m.amount_minor), Some(30));
+    assert_eq!(alice.balance(&merchant).await?.0, 70);
+    Ok(())
+}
+
+/// How long the sandbox holds the client's resend in the race below: far beyond the
+/// ~1 s the job needs to take the key over and settle the attempt.
+const RESEND_LATENCY: Duration = Duration::from_secs(20);
+
+/// The bank soak's relabelled approval (seed 17303545554639702866): a resumed key resends
+/// its refund and, while that call is out, the job that took the key over looks the
+/// attempt up and settles it approved. The resend's later UNAVAILABLE must not overwrite
+/// the approval (before, the attempt read `unknown` although its money was booked, and
+/// reconcile reported it); the retry answers the refund as the job settled it.
+#[tokio::test]
+async fn spawned_a_late_answer_does_not_overwrite_an_attempt_a_job_settled() -> anyhow::Result<()> {
+    let database = TestDatabase::create().await?;
+    let sandbox = spawn_sandbox(Duration::from_secs(30)).await?;
+    // The client's replica: no completer, and room for the slow resend.
+    let (_client_side, alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[
+            ("JOB_MAINTENANCE_INTERVAL", "1h"),
+            ("ACQUIRER_TIMEOUT", "60s"),
+        ],
+    )
+    .await?;
+    let (merchant, payment) = captured_payment(&alice, 100).await?;
+
+    // The doomed replica's refund is approved by the acquirer; it dies before recording.
+    let (mut doomed, doomed_alice) = replica(
+        &database,
+        &sandbox.endpoint(),
+        &[
+            ("PAYSUITE_FAILPOINT", "before_finalize"),
+            ("JOB_MAINTENANCE_INTERVAL", "1h"),
+        ],
+    )
+    .await?;
+    assert!(
+        doomed_alice
+            .refund("refund-key", &payment.id, tests::payments::brl(30))
+            .await
+            .is_err()
+    );
+    assert!(!doomed.wait(tests::LIVENESS).await?.success());
+    let attempt_id = refund_attempt(&database, &payment.id).await?;
+
+    // After the key's lease (500 ms) the client retries: its resend is held by the
+    // sandbox for RESEND_LATENCY and then answered UNAVAILABLE.
+    tests::acquirer::set_switches(
+        &sandbox.endpoint(),
+        RESEND_LATENCY,
+        acq::FailureMode::Unavailable,
+        1_000_000,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = tokio::spawn({
+        let alice = alice.clone();
+        let payment_id = payment.id.clone();
+        async move {
+            alice
+                .refund("refund-key", &payment_id, tests::payments::brl(30))
+                .await
+        }
+    });
+    until_calls(&sandbox.endpoint(), &attempt_id, "refund", 2).await?;
+
+    // Meanwhile a replica with a completer hands the key (its lease gone) to a job, which
+    // looks the attempt up and settles the refund approved.
+    tests::acquirer::set_faults(&sandbox.endpoint(), acq::FailureMode::None, 0).await?;
+    let (_completer, _) = replica(&database, &sandbox.endpoint(), &[]).await?;
+    assert_eq!(
+        until_refund_left_pending(&database, &payment.id).await?,
+        "succeeded"
+    );
+    assert!(
+        !retry.is_finished(),
+        "the resend was answered before the job settled the attempt: the race did not happen"
+    );
+
+    let answer = retry.await??.into_inner();
+    assert_eq!(
+        answer.refund.map(|refund| refund.status),
+        Some(pb::RefundStatus::Succeeded as i32)
+    );
+    let mut owner = PgConnection::connect(&database.owner_url()).await?;
+    let status: String = sqlx::query_scalar("SELECT status FROM attempts WHERE id = $1")
+        .bind(&attempt_id)
+        .fetch_one(&mut owner)
+        .await?;
+    assert_eq!(
+        status, "approved",
+        "a late answer relabelled a settled attempt"
+    );
+    let operations = operations(&sandbox.endpoint(), &payment.id, 100).await?;
+    assert_eq!(
+        approved(&operations, acq::OperationKind::Refund),
+        1,
+        "{operations:?}"
+    );
+    let payment = alice.payment(&payment.id).await?;
+    assert_eq!(payment.amount_refunded.map(|m| m.amount_minor), Some(30));
+    assert_eq!(alice.balance(&merchant).await?.0, 70);
     Ok(())
 }
 
