@@ -40,11 +40,14 @@ pub fn run(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result
 /// workload under faults (ten minutes instead of one). Arguments select other tests
 /// instead, as for `test`.
 pub fn soak(nextest_args: &[String], interrupted: &Interrupted) -> anyhow::Result<()> {
-    let selection = if nextest_args.is_empty() {
+    let mut selection = if nextest_args.is_empty() {
         vec!["fuzz_".to_owned(), "spawned_bank_".to_owned()]
     } else {
         nextest_args.to_vec()
     };
+    // A passing soak's figures (the bank's seed, operations, faults) are its report: shown
+    // at the end, not captured away.
+    selection.extend(["--success-output".to_owned(), "final".to_owned()]);
     run_with(&selection, &[(ENV_SOAK, "1")], interrupted)
 }
 

@@ -152,6 +152,15 @@ fn check_text(violations: &mut Violations, field: &str, text: &str) {
     if text.chars().count() > MAX_TEXT {
         violations.add(field, format!("must be at most {MAX_TEXT} characters"));
     }
+    check_no_nul(violations, field, text);
+}
+
+/// PostgreSQL's text and jsonb cannot hold U+0000: refused here, as a field violation,
+/// rather than failing the insert (found by the request fuzzer).
+fn check_no_nul(violations: &mut Violations, field: &str, text: &str) {
+    if text.contains('\0') {
+        violations.add(field, "must not contain NUL (U+0000) characters");
+    }
 }
 
 fn check_labels(violations: &mut Violations, field: &str, labels: &BTreeMap<String, String>) {
@@ -168,6 +177,8 @@ fn check_labels(violations: &mut Violations, field: &str, labels: &BTreeMap<Stri
                 "values are at most 256 characters",
             );
         }
+        check_no_nul(violations, &format!("{field}[{key}]"), key);
+        check_no_nul(violations, &format!("{field}[{key}]"), value);
     }
 }
 
